@@ -1,0 +1,283 @@
+//! The contract between kedge's kernel programs and its daemon.
+//!
+//! Every pinned map's key and value type lives here, `#[repr(C)]`, so both sides
+//! agree on the layout and `bpftool map dump` prints named fields (the maps are
+//! BTF-typed). `docs/maps.md` describes each map: who writes it, who reads it.
+//!
+//! Bump [`MAPS_ABI_VERSION`] whenever a layout here changes: the pin directory is
+//! versioned by it, so a daemon never reads maps written with another layout.
+#![no_std]
+
+/// Version of the map layouts; names the pin directory `<pin_root>/v<N>`.
+pub const MAPS_ABI_VERSION: u32 = 1;
+
+/// Classes are small integers (index into [`ClassPolicy`] arrays).
+pub const MAX_CLASSES: u32 = 16;
+/// Entries per LPM trie (IPv4 and IPv6 each).
+pub const MAX_NETWORKS: u32 = 65_536;
+/// Per-source token buckets kept (LRU: the least recently seen source is evicted).
+pub const MAX_SOURCES: u32 = 65_536;
+/// Tenants mirrored into the kernel.
+pub const MAX_TENANTS: u32 = 4_096;
+/// GPUs whose load is mirrored into the kernel.
+pub const MAX_GPUS: u32 = 16;
+/// Proxy ports the programs watch.
+pub const MAX_PORTS: usize = 8;
+
+/// Counter slot used for per-packet reasons that carry no class (established
+/// packets are not classified: that keeps their path cheap).
+pub const GLOBAL_SLOT: u32 = MAX_CLASSES;
+
+/// Why a packet got its verdict. Counters are indexed `class * REASONS + reason`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A new connection (SYN) passed every check.
+    Admitted = 0,
+    /// A packet of an existing connection (no SYN, or SYN+ACK): never rate limited.
+    Established = 1,
+    /// The source's class is a deny class.
+    Denied = 2,
+    /// The class's new-connection bucket was empty.
+    ClassRate = 3,
+    /// The source address's own bucket was empty.
+    SourceRate = 4,
+    /// Shed by the class's admission ratio (GPU pressure, queue pressure).
+    Shed = 5,
+    /// The source's tenant is blocked (hard budget spent, shed at the edge).
+    TenantBlocked = 6,
+    /// A truncated or malformed IP/TCP packet: passed untouched, counted here.
+    Malformed = 7,
+    /// An IPv6 packet whose extension headers we do not walk: passed untouched.
+    Unparsed = 8,
+}
+
+/// Number of [`Reason`] values.
+pub const REASONS: u32 = 9;
+/// Slots in the counters array: one row per class plus the global row.
+pub const COUNTER_SLOTS: u32 = (MAX_CLASSES + 1) * REASONS;
+
+impl Reason {
+    pub const ALL: [Reason; REASONS as usize] = [
+        Reason::Admitted,
+        Reason::Established,
+        Reason::Denied,
+        Reason::ClassRate,
+        Reason::SourceRate,
+        Reason::Shed,
+        Reason::TenantBlocked,
+        Reason::Malformed,
+        Reason::Unparsed,
+    ];
+
+    /// Stable label for metrics and the CLI.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Reason::Admitted => "admitted",
+            Reason::Established => "established",
+            Reason::Denied => "denied",
+            Reason::ClassRate => "class_rate",
+            Reason::SourceRate => "source_rate",
+            Reason::Shed => "shed",
+            Reason::TenantBlocked => "tenant_blocked",
+            Reason::Malformed => "malformed",
+            Reason::Unparsed => "unparsed",
+        }
+    }
+
+    /// Whether packets counted under this reason were dropped.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::Denied
+                | Reason::ClassRate
+                | Reason::SourceRate
+                | Reason::Shed
+                | Reason::TenantBlocked
+        )
+    }
+}
+
+/// Index into the counters array.
+#[inline(always)]
+pub const fn counter_slot(class: u32, reason: Reason) -> u32 {
+    class * REASONS + reason as u32
+}
+
+/// `Settings.flags`: the program acts at all (off = pass everything, count nothing).
+pub const SETTINGS_ENABLED: u32 = 1;
+/// `Settings.flags`: set `skb->mark` on admitted SYNs (tc mode only).
+pub const SETTINGS_MARK: u32 = 2;
+
+/// Global settings, the single entry of the `SETTINGS` array. Written by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Destination ports (host order) of the proxy; 0 = unused slot.
+    pub ports: [u16; MAX_PORTS],
+    /// Class given to sources that match no network.
+    pub default_class: u32,
+    /// `SETTINGS_*` bits.
+    pub flags: u32,
+}
+
+/// Value of the `NETS_V4` / `NETS_V6` LPM tries: what a source CIDR maps to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetEntry {
+    pub class: u32,
+    /// Tenant id (see `tenant_id` in userspace); 0 = no tenant.
+    pub tenant: u32,
+}
+
+/// `ClassPolicy.flags`: every new connection of the class is dropped.
+pub const CLASS_DENY: u32 = 1;
+
+/// Per-class limits on new connections, index = class. Written by the daemon from config.
+///
+/// Both buckets are GCRA (virtual scheduling): equivalent to a token bucket of
+/// rate `1e9 / interval_ns` per second and burst `tolerance_ns / interval_ns + 1`,
+/// but one `u64` of state and no division in the kernel. `interval_ns == 0`
+/// means unlimited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassPolicy {
+    pub interval_ns: u64,
+    pub tolerance_ns: u64,
+    pub source_interval_ns: u64,
+    pub source_tolerance_ns: u64,
+    /// `CLASS_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+impl ClassPolicy {
+    /// GCRA parameters for `rate` per second with `burst` (`burst >= 1`).
+    pub const fn gcra(rate_per_sec: u32, burst: u32) -> (u64, u64) {
+        if rate_per_sec == 0 {
+            return (0, 0);
+        }
+        let interval = 1_000_000_000 / rate_per_sec as u64;
+        let burst = if burst == 0 { 1 } else { burst as u64 };
+        (interval, interval * (burst - 1))
+    }
+}
+
+/// State of one GCRA bucket: the theoretical arrival time of the next conforming
+/// connection, in `bpf_ktime_get_ns` (CLOCK_MONOTONIC) nanoseconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub tat_ns: u64,
+}
+
+/// Per-class admission ratio, index = class. Written by the daemon (GPU and
+/// queue pressure); the kernel admits a new connection with this probability.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admission {
+    /// 0..=1000 per mille; 1000 admits all.
+    pub admit_permille: u32,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            admit_permille: ADMIT_ALL,
+        }
+    }
+}
+
+/// `Admission.admit_permille` that admits every connection.
+pub const ADMIT_ALL: u32 = 1000;
+
+/// Key of the per-source buckets: the source address, IPv4 as `::ffff:a.b.c.d`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceKey {
+    pub addr: [u8; 16],
+}
+
+/// Per-tenant usage and state, key = tenant id. Written by the daemon's budget layer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TenantState {
+    /// Tokens used in the tenant's tightest window.
+    pub tokens_used: u64,
+    /// That window's limit (0 = none).
+    pub tokens_limit: u64,
+    /// Non-zero: drop the tenant's new connections at the edge.
+    pub blocked: u32,
+    pub _pad: u32,
+}
+
+/// Raw load of one GPU, index = GPU index. Written by the daemon (NVML), kept for inspection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuLoad {
+    pub utilization_pct: u32,
+    pub _pad: u32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub updated_ns: u64,
+}
+
+/// `skb->mark` layout on admitted SYNs: `0x6b` ('k') in the top byte, the class
+/// in the next byte, the tenant id in the low 16 bits. The magic byte keeps a
+/// foreign mark from being read as a kedge tag.
+pub const MARK_MAGIC: u32 = 0x6b00_0000;
+const MARK_MAGIC_MASK: u32 = 0xff00_0000;
+
+#[inline(always)]
+pub const fn encode_mark(class: u32, tenant: u32) -> u32 {
+    MARK_MAGIC | ((class & 0xff) << 16) | (tenant & 0xffff)
+}
+
+/// `(class, tenant)` from a socket mark, if it is a kedge tag.
+pub const fn decode_mark(mark: u32) -> Option<(u32, u32)> {
+    if mark & MARK_MAGIC_MASK == MARK_MAGIC {
+        Some(((mark >> 16) & 0xff, mark & 0xffff))
+    } else {
+        None
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], made of integers, with explicit padding.
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for NetEntry {}
+    unsafe impl aya::Pod for ClassPolicy {}
+    unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for Admission {}
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for TenantState {}
+    unsafe impl aya::Pod for GpuLoad {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mark_round_trips_and_rejects_foreign_marks() {
+        assert_eq!(decode_mark(encode_mark(3, 0x1234)), Some((3, 0x1234)));
+        assert_eq!(decode_mark(0), None);
+        assert_eq!(decode_mark(0x0003_1234), None);
+    }
+
+    #[test]
+    fn gcra_parameters_match_rate_and_burst() {
+        assert_eq!(ClassPolicy::gcra(0, 5), (0, 0));
+        assert_eq!(ClassPolicy::gcra(10, 1), (100_000_000, 0));
+        assert_eq!(ClassPolicy::gcra(10, 5), (100_000_000, 400_000_000));
+    }
+
+    #[test]
+    fn counter_slots_do_not_overlap() {
+        let last = counter_slot(GLOBAL_SLOT, Reason::Unparsed);
+        assert_eq!(last, COUNTER_SLOTS - 1);
+        assert_eq!(counter_slot(1, Reason::Admitted), REASONS);
+    }
+}

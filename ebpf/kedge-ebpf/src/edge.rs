@@ -1,0 +1,412 @@
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use kedge_common::{
+    Admission, Bucket, CLASS_DENY, COUNTER_SLOTS, ClassPolicy, GLOBAL_SLOT, GpuLoad, MAX_CLASSES,
+    MAX_GPUS, MAX_NETWORKS, MAX_PORTS, MAX_SOURCES, MAX_TENANTS, NetEntry, Reason,
+    SETTINGS_ENABLED, SETTINGS_MARK, Settings, SourceKey, TenantState, counter_slot, encode_mark,
+};
+
+// ---- maps (the contract; see docs/maps.md) ---------------------------------
+
+#[btf_map]
+static SETTINGS: Array<Settings, 1> = Array::new();
+#[btf_map]
+static NETS_V4: LpmTrie<[u8; 4], NetEntry, { MAX_NETWORKS as usize }> = LpmTrie::new();
+#[btf_map]
+static NETS_V6: LpmTrie<[u8; 16], NetEntry, { MAX_NETWORKS as usize }> = LpmTrie::new();
+#[btf_map]
+static CLASSES: Array<ClassPolicy, { MAX_CLASSES as usize }> = Array::new();
+#[btf_map]
+static ADMISSION: Array<Admission, { MAX_CLASSES as usize }> = Array::new();
+#[btf_map]
+static CLASS_BUCKETS: Array<Bucket, { MAX_CLASSES as usize }> = Array::new();
+#[btf_map]
+static SRC_BUCKETS: LruHashMap<SourceKey, Bucket, { MAX_SOURCES as usize }> = LruHashMap::new();
+#[btf_map]
+static TENANTS: HashMap<u32, TenantState, { MAX_TENANTS as usize }> = HashMap::new();
+/// Written by the daemon from NVML for inspection with bpftool; the kernel's
+/// decisions use the admission ratios derived from it, not the raw load.
+#[btf_map]
+static GPU_LOAD: Array<GpuLoad, { MAX_GPUS as usize }> = Array::new();
+#[btf_map]
+static COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
+
+// ---- attach points ---------------------------------------------------------
+
+#[classifier]
+pub fn kedge_tc(ctx: TcContext) -> i32 {
+    // SYNs are tiny and arrive linear; a GRO'd or paged skb may not be, and the
+    // parser only sees the linear part, so pull the headers in when needed.
+    let linear = ctx.data_end() - ctx.data();
+    if linear < HEADERS_MAX && (linear as u32) < ctx.len() {
+        let want = if ctx.len() < HEADERS_MAX as u32 {
+            ctx.len()
+        } else {
+            HEADERS_MAX as u32
+        };
+        let _ = ctx.pull_data(want);
+    }
+    match decide(ctx.data(), ctx.data_end()) {
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop => TC_ACT_SHOT as i32,
+        Verdict::Tag(mark) => {
+            ctx.set_mark(mark);
+            TC_ACT_UNSPEC
+        }
+    }
+}
+
+#[xdp]
+pub fn kedge_xdp(ctx: XdpContext) -> u32 {
+    match decide(ctx.data(), ctx.data_end()) {
+        Verdict::Drop => xdp_action::XDP_DROP,
+        // XDP has no mark: the daemon reads the same LPM maps for the tag.
+        Verdict::Pass | Verdict::Tag(_) => xdp_action::XDP_PASS,
+    }
+}
+
+// ---- the shared core -------------------------------------------------------
+
+enum Verdict {
+    Pass,
+    Drop,
+    /// Pass and set this mark (when marking is on).
+    Tag(u32),
+}
+
+/// Ethernet + one VLAN tag + IPv6 + a few extension headers + TCP.
+const HEADERS_MAX: usize = 128;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// Returns a pointer to `len` bytes at `off`, if they are inside the packet.
+#[inline(always)]
+fn bytes_at(start: usize, end: usize, off: usize, len: usize) -> Option<*const u8> {
+    if start + off + len > end {
+        return None;
+    }
+    Some((start + off) as *const u8)
+}
+
+#[inline(always)]
+fn be16(p: *const u8) -> u16 {
+    // SAFETY: callers checked that two bytes at `p` are inside the packet.
+    unsafe { u16::from_be_bytes([*p, *p.add(1)]) }
+}
+
+#[inline(always)]
+fn count(class: u32, reason: Reason) {
+    if let Some(c) = COUNTERS.get_ptr_mut(counter_slot(class, reason)) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Where the source came from and what the TCP header says.
+struct Parsed {
+    src: SourceKey,
+    is_v4: bool,
+    dst_port: u16,
+    flags: u8,
+}
+
+enum Parse {
+    Tcp(Parsed),
+    /// Not TCP/IP, or a later IPv4 fragment: not ours.
+    Other,
+    Malformed,
+    Unparsed,
+}
+
+#[inline(always)]
+fn parse(start: usize, end: usize) -> Parse {
+    let Some(eth) = bytes_at(start, end, 0, ETH_HLEN) else {
+        return Parse::Other;
+    };
+    // SAFETY: 14 bytes checked above.
+    let mut proto = be16(unsafe { eth.add(12) });
+    let mut l3 = ETH_HLEN;
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        let Some(tag) = bytes_at(start, end, ETH_HLEN, 4) else {
+            return Parse::Malformed;
+        };
+        // SAFETY: 4 bytes checked above.
+        proto = be16(unsafe { tag.add(2) });
+        l3 = ETH_HLEN + 4;
+    }
+
+    let mut src = SourceKey::default();
+    let l4;
+    let is_v4;
+    if proto == ETH_P_IP {
+        let Some(ip) = bytes_at(start, end, l3, 20) else {
+            return Parse::Malformed;
+        };
+        // SAFETY: 20 bytes of IPv4 header checked above.
+        let (vihl, frag, l4proto) = unsafe { (*ip, be16(ip.add(6)), *ip.add(9)) };
+        if l4proto != IPPROTO_TCP {
+            return Parse::Other;
+        }
+        if frag & 0x1fff != 0 {
+            // A later fragment carries no TCP header; the first one was judged.
+            return Parse::Other;
+        }
+        let ihl = (vihl & 0x0f) as usize;
+        if vihl >> 4 != 4 || ihl < 5 {
+            return Parse::Malformed;
+        }
+        src.addr[10] = 0xff;
+        src.addr[11] = 0xff;
+        // SAFETY: bytes 12..16 are inside the 20 checked bytes.
+        unsafe {
+            src.addr[12] = *ip.add(12);
+            src.addr[13] = *ip.add(13);
+            src.addr[14] = *ip.add(14);
+            src.addr[15] = *ip.add(15);
+        }
+        l4 = l3 + ihl * 4;
+        is_v4 = true;
+    } else if proto == ETH_P_IPV6 {
+        let Some(ip) = bytes_at(start, end, l3, 40) else {
+            return Parse::Malformed;
+        };
+        // SAFETY: 40 bytes of IPv6 header checked above.
+        let mut next = unsafe { *ip.add(6) };
+        let mut i = 0;
+        while i < 16 {
+            // SAFETY: source address is bytes 8..24 of the checked header.
+            src.addr[i] = unsafe { *ip.add(8 + i) };
+            i += 1;
+        }
+        let mut off = l3 + 40;
+        // Walk a bounded number of the extension headers a SYN may carry.
+        let mut hops = 0;
+        while hops < 4 && next != IPPROTO_TCP {
+            let Some(ext) = bytes_at(start, end, off, 8) else {
+                return Parse::Malformed;
+            };
+            // SAFETY: 8 bytes checked above.
+            let (nh, len) = unsafe { (*ext, *ext.add(1)) };
+            match next {
+                // hop-by-hop, routing, destination options: (len + 1) * 8 bytes
+                0 | 43 | 60 => off += (len as usize + 1) * 8,
+                // fragment: fixed 8 bytes; only the first fragment has the TCP header
+                44 => {
+                    // SAFETY: inside the 8 checked bytes.
+                    let frag = be16(unsafe { ext.add(2) });
+                    if frag & 0xfff8 != 0 {
+                        return Parse::Other;
+                    }
+                    off += 8;
+                }
+                // no next header, or an upper layer other than TCP
+                59 | 1 | 17 | 58 | 132 => return Parse::Other,
+                _ => return Parse::Unparsed,
+            }
+            next = nh;
+            hops += 1;
+        }
+        if next != IPPROTO_TCP {
+            return Parse::Unparsed;
+        }
+        l4 = off;
+        is_v4 = false;
+    } else {
+        return Parse::Other;
+    }
+
+    let Some(tcp) = bytes_at(start, end, l4, 20) else {
+        return Parse::Malformed;
+    };
+    // SAFETY: 20 bytes of TCP header checked above.
+    let (dst_port, flags) = unsafe { (be16(tcp.add(2)), *tcp.add(13)) };
+    Parse::Tcp(Parsed {
+        src,
+        is_v4,
+        dst_port,
+        flags,
+    })
+}
+
+#[inline(always)]
+fn is_proxy_port(settings: &Settings, port: u16) -> bool {
+    let mut i = 0;
+    while i < MAX_PORTS {
+        if settings.ports[i] == port && port != 0 {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// GCRA: conforming if the theoretical arrival time is no further ahead of now
+/// than the tolerance; then it moves one interval on. Unsynchronised across CPUs
+/// on purpose: a lost update admits at most one extra connection per CPU racing.
+#[inline(always)]
+fn bucket_take(bucket: *mut Bucket, now: u64, interval: u64, tolerance: u64) -> bool {
+    // SAFETY: `bucket` points into a map value that lives while we run.
+    let tat = unsafe { (*bucket).tat_ns };
+    let tat = if tat > now { tat } else { now };
+    if tat - now > tolerance {
+        return false;
+    }
+    unsafe { (*bucket).tat_ns = tat + interval };
+    true
+}
+
+#[inline(always)]
+fn source_take(src: &SourceKey, now: u64, interval: u64, tolerance: u64) -> bool {
+    if let Some(b) = SRC_BUCKETS.get_ptr_mut(src) {
+        return bucket_take(b, now, interval, tolerance);
+    }
+    // First connection from this source: it conforms, and the next is due one
+    // interval later. An insert failure (map full of pinned entries) admits.
+    let _ = SRC_BUCKETS.insert(
+        src,
+        Bucket {
+            tat_ns: now + interval,
+        },
+        0,
+    );
+    true
+}
+
+#[inline(always)]
+fn classify(p: &Parsed, default_class: u32) -> NetEntry {
+    let found = if p.is_v4 {
+        let key = Key::new(
+            32,
+            [
+                p.src.addr[12],
+                p.src.addr[13],
+                p.src.addr[14],
+                p.src.addr[15],
+            ],
+        );
+        NETS_V4.get(&key).copied()
+    } else {
+        NETS_V6.get(&Key::new(128, p.src.addr)).copied()
+    };
+    match found {
+        Some(entry) if entry.class < MAX_CLASSES => entry,
+        _ => NetEntry {
+            class: default_class,
+            tenant: 0,
+        },
+    }
+}
+
+#[inline(always)]
+fn decide(start: usize, end: usize) -> Verdict {
+    let Some(settings) = SETTINGS.get(0) else {
+        return Verdict::Pass;
+    };
+    if settings.flags & SETTINGS_ENABLED == 0 {
+        return Verdict::Pass;
+    }
+    let p = match parse(start, end) {
+        Parse::Tcp(p) => p,
+        Parse::Other => return Verdict::Pass,
+        Parse::Malformed => {
+            count(GLOBAL_SLOT, Reason::Malformed);
+            return Verdict::Pass;
+        }
+        Parse::Unparsed => {
+            count(GLOBAL_SLOT, Reason::Unparsed);
+            return Verdict::Pass;
+        }
+    };
+    if !is_proxy_port(settings, p.dst_port) {
+        return Verdict::Pass;
+    }
+    if p.flags & TCP_FLAG_SYN == 0 || p.flags & TCP_FLAG_ACK != 0 {
+        // The cheap path: no lookup, no bucket, one per-CPU increment.
+        count(GLOBAL_SLOT, Reason::Established);
+        return Verdict::Pass;
+    }
+
+    let entry = classify(&p, settings.default_class);
+    let class = entry.class;
+    match admit(&p, &entry) {
+        Some(reason) => {
+            count(class, reason);
+            Verdict::Drop
+        }
+        None => {
+            count(class, Reason::Admitted);
+            if settings.flags & SETTINGS_MARK != 0 {
+                Verdict::Tag(encode_mark(class, entry.tenant))
+            } else {
+                Verdict::Pass
+            }
+        }
+    }
+}
+
+/// The checks a new connection must pass, cheapest and most final first.
+/// Returns the drop reason, or `None` to admit.
+#[inline(always)]
+fn admit(p: &Parsed, entry: &NetEntry) -> Option<Reason> {
+    let class = entry.class;
+    let policy = CLASSES.get(class)?;
+    if policy.flags & CLASS_DENY != 0 {
+        return Some(Reason::Denied);
+    }
+    if entry.tenant != 0 {
+        // SAFETY: read-only look at a value the daemon replaces whole.
+        if let Some(t) = unsafe { TENANTS.get(entry.tenant) } {
+            if t.blocked != 0 {
+                return Some(Reason::TenantBlocked);
+            }
+        }
+    }
+    if let Some(a) = ADMISSION.get(class) {
+        let admit = a.admit_permille;
+        if admit < 1000 {
+            // SAFETY: helper without arguments.
+            let roll = unsafe { bpf_get_prandom_u32() } % 1000;
+            if roll >= admit {
+                return Some(Reason::Shed);
+            }
+        }
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // The source bucket first: one abusive address must not drain its class's bucket.
+    if policy.source_interval_ns != 0
+        && !source_take(
+            &p.src,
+            now,
+            policy.source_interval_ns,
+            policy.source_tolerance_ns,
+        )
+    {
+        return Some(Reason::SourceRate);
+    }
+    if policy.interval_ns != 0 {
+        if let Some(b) = CLASS_BUCKETS.get_ptr_mut(class) {
+            if !bucket_take(b, now, policy.interval_ns, policy.tolerance_ns) {
+                return Some(Reason::ClassRate);
+            }
+        }
+    }
+    None
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,380 @@
+//! Shared pieces of the end-to-end tests: network namespaces joined by veth
+//! pairs, a tiny upstream that speaks HTTP/1.1, and the real `kedge` binary.
+//! Every piece cleans up in `Drop`, so a failing assertion leaves nothing behind.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// A unique small number per test in this process (names, subnets, pin dirs).
+pub fn unique_id() -> usize {
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    (std::process::id() as usize * 7 + n) % 200 + 20
+}
+
+/// Why this machine cannot run kernel tests, if it cannot.
+pub fn kernel_tests_unavailable() -> Option<&'static str> {
+    // SAFETY: no arguments, no side effects.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root");
+    }
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Some("kernel has no BTF");
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("iproute2 (`ip`) is not installed");
+    }
+    None
+}
+
+/// Skips the calling test (returns from it) when kernel tests cannot run here.
+#[macro_export]
+macro_rules! require_kernel {
+    () => {
+        if let Some(why) = support::kernel_tests_unavailable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A client namespace joined to the host by a veth pair on 198.18.<id>.0/24
+/// (RFC 2544 test range; no traffic leaves the pair). The host end is
+/// `.1`; the client has `.2`, `.3`, … as asked.
+pub struct TestNet {
+    pub id: usize,
+    pub ns: String,
+    pub host_if: String,
+    pub host_ip: String,
+}
+
+impl TestNet {
+    pub fn new(client_hosts: &[u8]) -> TestNet {
+        let id = unique_id();
+        let pid = std::process::id() % 100_000;
+        let net = TestNet {
+            id,
+            ns: format!("kedge-t{pid}-{id}"),
+            host_if: format!("kh{pid}-{id}"),
+            host_ip: format!("198.18.{id}.1"),
+        };
+        let peer = format!("kc{pid}-{id}");
+        let _ = Command::new("ip").args(["netns", "del", &net.ns]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &net.host_if])
+            .output();
+        run("ip", &["netns", "add", &net.ns]);
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &net.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+            ],
+        );
+        run("ip", &["link", "set", &peer, "netns", &net.ns]);
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", net.host_ip),
+                "dev",
+                &net.host_if,
+            ],
+        );
+        run("ip", &["link", "set", &net.host_if, "up"]);
+        for h in client_hosts {
+            let addr = format!("198.18.{id}.{h}/24");
+            run("ip", &["-n", &net.ns, "addr", "add", &addr, "dev", &peer]);
+        }
+        run("ip", &["-n", &net.ns, "link", "set", &peer, "up"]);
+        run("ip", &["-n", &net.ns, "link", "set", "lo", "up"]);
+        net
+    }
+
+    pub fn client_ip(&self, host: u8) -> String {
+        format!("198.18.{}.{host}", self.id)
+    }
+
+    /// `curl` from the namespace with a chosen source address. Returns the exit
+    /// code, response headers+body, and stderr.
+    pub fn curl(&self, source_host: u8, url: &str, connect_timeout_s: u32) -> (i32, String) {
+        let src = self.client_ip(source_host);
+        let timeout = connect_timeout_s.to_string();
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "curl",
+                "-sS",
+                "-i",
+                "--interface",
+                &src,
+                "--connect-timeout",
+                &timeout,
+                "--max-time",
+                "10",
+                url,
+            ])
+            .output()
+            .expect("curl runs");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
+
+/// A minimal HTTP/1.1 upstream on loopback: answers every request with a small
+/// OpenAI-style JSON body naming the path, and counts requests.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    pub fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let counter = counter.clone();
+                std::thread::spawn(move || serve_upstream(stream, &counter));
+            }
+        });
+        Upstream { addr, hits }
+    }
+}
+
+fn serve_upstream(stream: TcpStream, hits: &AtomicUsize) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut content_length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; content_length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        hits.fetch_add(1, Ordering::SeqCst);
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .to_string();
+        let payload = format!(r#"{{"object":"list","data":[],"upstream_path":"{path}"}}"#);
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}",
+            payload.len()
+        );
+        if writer.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+pub fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real `kedge` binary, run with a config written for the test. On drop it
+/// is killed and its pin root removed.
+pub struct Kedge {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub pin_root: String,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Kedge {
+    /// Writes `config` (with `{pin_root}` and `{admin}` filled in) and starts kedge.
+    pub fn start(config: &str) -> Kedge {
+        let id = unique_id();
+        let dir = std::env::temp_dir().join(format!("kedge-test-{}-{id}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pin_root = format!("/sys/fs/bpf/kedge-test-{}-{id}", std::process::id());
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let text = config
+            .replace("{pin_root}", &pin_root)
+            .replace("{admin}", &admin.to_string());
+        let config = dir.join("kedge.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut k = Kedge {
+            child: None,
+            dir: dir.clone(),
+            config,
+            pin_root,
+            admin,
+            log: dir.join("kedge.log"),
+        };
+        k.spawn();
+        k
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kedge"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("KEDGE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("kedge starts");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("kedge exited early ({status}); log:\n{}", self.log_text());
+            }
+            if http_get(self.admin, "/healthz").is_some_and(|r| r.contains("ok")) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kedge not ready in 30 s; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no chance to clean anything up (the restart tests want that).
+    pub fn kill_hard(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").expect("metrics answer")
+    }
+
+    /// Value of the first sample whose line starts with `name{` and contains
+    /// every label pair in `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics(), name, labels)
+    }
+}
+
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl Drop for Kedge {
+    fn drop(&mut self) {
+        self.kill_hard();
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+        if std::thread::panicking() {
+            eprintln!("--- kedge log ---\n{}", self.log_text());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A blocking HTTP/1.0 GET; the body and headers as text, or None on failure.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nhost: kedge\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}

@@ -1,0 +1,540 @@
+//! The TOML configuration: schema, strict parsing, validation.
+//!
+//! Unknown keys are rejected, and every error names the file, the line and what
+//! was expected, so `kedge check-config` is the only tool an operator needs.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use hyper::Uri;
+use kedge_common::{MAX_CLASSES, MAX_PORTS};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::cidr::Cidr;
+
+/// Largest rate the kernel buckets accept (connections per second).
+pub const MAX_CONN_RATE: u32 = 1_000_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: Listen,
+    #[serde(default)]
+    pub kernel: Kernel,
+    #[serde(rename = "class")]
+    pub classes: Vec<Class>,
+    #[serde(rename = "network", default)]
+    pub networks: Vec<Network>,
+    #[serde(rename = "backend")]
+    pub backends: Vec<Backend>,
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Where the OpenAI-compatible proxy listens.
+    pub addr: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// tc/TCX ingress: can tag connections with `skb->mark`.
+    #[default]
+    Tc,
+    /// XDP: the cheapest drop; the proxy reads tags from the LPM maps.
+    Xdp,
+    /// No kernel program: classification happens in userspace only.
+    Off,
+}
+
+impl AttachMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Tc => "tc",
+            AttachMode::Xdp => "xdp",
+            AttachMode::Off => "off",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kernel {
+    /// Interface whose ingress the program watches (required unless attach = "off").
+    pub interface: Option<String>,
+    #[serde(default = "default_attach")]
+    pub attach: Spanned<AttachMode>,
+    /// Proxy ports the kernel guards; defaults to the port of `listen.addr`.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Class of sources that match no `[[network]]`; defaults to the last class.
+    pub default_class: Option<Spanned<String>>,
+    /// bpffs directory; maps and links are pinned under `<pin_root>/v<ABI>`.
+    #[serde(default = "default_pin_root")]
+    pub pin_root: PathBuf,
+    /// tc mode: set `skb->mark` on admitted SYNs (and `net.ipv4.tcp_fwmark_accept`).
+    #[serde(default = "yes")]
+    pub mark: bool,
+}
+
+impl Default for Kernel {
+    fn default() -> Self {
+        Kernel {
+            interface: None,
+            attach: Spanned::new(0..0, AttachMode::Off),
+            ports: Vec::new(),
+            default_class: None,
+            pin_root: default_pin_root(),
+            mark: true,
+        }
+    }
+}
+
+fn default_attach() -> Spanned<AttachMode> {
+    Spanned::new(0..0, AttachMode::Tc)
+}
+
+fn default_pin_root() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/kedge")
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Class {
+    pub name: Spanned<String>,
+    /// 0 is the highest priority.
+    pub priority: u8,
+    /// Drop every new connection of this class in the kernel.
+    #[serde(default)]
+    pub deny: bool,
+    /// New connections per second for the whole class (absent = unlimited).
+    pub conn_rate: Option<Spanned<u32>>,
+    /// Burst for `conn_rate` (default: the rate, at least 1).
+    pub conn_burst: Option<u32>,
+    /// New connections per second for each source address of the class.
+    pub source_conn_rate: Option<Spanned<u32>>,
+    pub source_conn_burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    pub cidr: Spanned<Cidr>,
+    pub class: Spanned<String>,
+    pub tenant: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub name: Spanned<String>,
+    pub url: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Admin listener: `/metrics` (Prometheus text) and `/healthz`.
+    pub addr: SocketAddr,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// A config error: where it is and how to fix it.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line and column, when the error has a place in the file.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, col)) => {
+                write!(f, "{}:{line}:{col}: {}", self.file.display(), self.message)?
+            }
+            None => write!(f, "{}: {}", self.file.display(), self.message)?,
+        }
+        if let Some(hint) = &self.hint {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration, with names resolved to the ids the kernel uses.
+#[derive(Debug)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub raw: Config,
+    /// Class id = position in `[[class]]`.
+    pub class_ids: HashMap<String, u32>,
+    pub default_class: u32,
+    /// Tenant name → id (stable: derived from the name).
+    pub tenant_ids: HashMap<String, u32>,
+    pub ports: Vec<u16>,
+    pub upstream: Uri,
+}
+
+impl Loaded {
+    pub fn class_name(&self, id: u32) -> &str {
+        self.raw
+            .classes
+            .get(id as usize)
+            .map(|c| c.name.get_ref().as_str())
+            .unwrap_or("unknown")
+    }
+
+    pub fn tenant_name(&self, id: u32) -> Option<&str> {
+        self.tenant_ids
+            .iter()
+            .find(|(_, v)| **v == id)
+            .map(|(k, _)| k.as_str())
+    }
+
+    pub fn attach(&self) -> AttachMode {
+        *self.raw.kernel.attach.get_ref()
+    }
+}
+
+/// Stable tenant id from its name: FNV-1a folded into 1..=65535 (it travels in
+/// the low 16 bits of the socket mark). Collisions are config errors.
+pub fn tenant_id(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % 65_535 + 1
+}
+
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        position: None,
+        message: format!("cannot read the config: {e}"),
+        hint: None,
+    })?;
+    parse(path, &text)
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
+    let err = |span: Option<Range<usize>>, message: String, hint: Option<&str>| ConfigError {
+        file: path.to_owned(),
+        position: span.map(|s| line_col(text, s.start)),
+        message,
+        hint: hint.map(str::to_owned),
+    };
+    let raw: Config = toml::from_str(text).map_err(|e| {
+        let hint = if e.message().contains("unknown field") {
+            Some("see config/kedge.toml for every key kedge understands")
+        } else {
+            None
+        };
+        err(e.span(), e.message().trim().to_string(), hint)
+    })?;
+
+    // Classes.
+    if raw.classes.is_empty() {
+        return Err(err(
+            None,
+            "no [[class]] defined".into(),
+            Some("add at least one, e.g. [[class]] name = \"default\" priority = 3"),
+        ));
+    }
+    if raw.classes.len() > MAX_CLASSES as usize {
+        return Err(err(
+            Some(raw.classes[MAX_CLASSES as usize].name.span()),
+            format!("at most {MAX_CLASSES} classes are supported"),
+            None,
+        ));
+    }
+    let mut class_ids = HashMap::new();
+    for (i, c) in raw.classes.iter().enumerate() {
+        if class_ids
+            .insert(c.name.get_ref().clone(), i as u32)
+            .is_some()
+        {
+            return Err(err(
+                Some(c.name.span()),
+                format!("class `{}` is defined twice", c.name.get_ref()),
+                None,
+            ));
+        }
+        for rate in [&c.conn_rate, &c.source_conn_rate].into_iter().flatten() {
+            if *rate.get_ref() == 0 || *rate.get_ref() > MAX_CONN_RATE {
+                return Err(err(
+                    Some(rate.span()),
+                    format!("connection rate must be between 1 and {MAX_CONN_RATE} per second"),
+                    Some("leave the key out for no limit"),
+                ));
+            }
+        }
+    }
+    let class_ref = |name: &Spanned<String>| -> Result<u32, ConfigError> {
+        class_ids.get(name.get_ref()).copied().ok_or_else(|| {
+            let known: Vec<_> = raw
+                .classes
+                .iter()
+                .map(|c| c.name.get_ref().as_str())
+                .collect();
+            err(
+                Some(name.span()),
+                format!("unknown class `{}`", name.get_ref()),
+                Some(&format!("defined classes: {}", known.join(", "))),
+            )
+        })
+    };
+    let default_class = match &raw.kernel.default_class {
+        Some(name) => class_ref(name)?,
+        None => raw.classes.len() as u32 - 1,
+    };
+
+    // Networks and tenants.
+    let mut tenant_ids: HashMap<String, u32> = HashMap::new();
+    let mut seen = HashSet::new();
+    for n in &raw.networks {
+        class_ref(&n.class)?;
+        if !seen.insert(*n.cidr.get_ref()) {
+            return Err(err(
+                Some(n.cidr.span()),
+                format!("network {} is listed twice", n.cidr.get_ref()),
+                None,
+            ));
+        }
+        if let Some(t) = &n.tenant {
+            let id = tenant_id(t.get_ref());
+            if let Some((other, _)) = tenant_ids
+                .iter()
+                .find(|(k, v)| **v == id && *k != t.get_ref())
+            {
+                return Err(err(
+                    Some(t.span()),
+                    format!(
+                        "tenant names `{}` and `{other}` hash to the same id",
+                        t.get_ref()
+                    ),
+                    Some("rename one of them"),
+                ));
+            }
+            tenant_ids.insert(t.get_ref().clone(), id);
+        }
+    }
+
+    // Kernel.
+    let attach = *raw.kernel.attach.get_ref();
+    if attach != AttachMode::Off && raw.kernel.interface.is_none() {
+        return Err(err(
+            Some(raw.kernel.attach.span()),
+            format!("attach = \"{}\" needs kernel.interface", attach.as_str()),
+            Some("name the interface clients arrive on, or set attach = \"off\""),
+        ));
+    }
+    let ports = if raw.kernel.ports.is_empty() {
+        vec![raw.listen.addr.port()]
+    } else {
+        raw.kernel.ports.clone()
+    };
+    if ports.len() > MAX_PORTS || ports.contains(&0) {
+        return Err(err(
+            None,
+            format!("kernel.ports takes 1 to {MAX_PORTS} non-zero ports"),
+            None,
+        ));
+    }
+
+    // Backends.
+    let Some(first) = raw.backends.first() else {
+        return Err(err(
+            None,
+            "no [[backend]] defined".into(),
+            Some("add one, e.g. [[backend]] name = \"local\" url = \"http://127.0.0.1:8000\""),
+        ));
+    };
+    let mut upstream = None;
+    for b in &raw.backends {
+        let uri: Uri = b.url.get_ref().parse().map_err(|e| {
+            err(
+                Some(b.url.span()),
+                format!("invalid backend url: {e}"),
+                None,
+            )
+        })?;
+        if !matches!(uri.scheme_str(), Some("http")) || uri.authority().is_none() {
+            return Err(err(
+                Some(b.url.span()),
+                format!("backend url `{}` must be http://host:port", b.url.get_ref()),
+                Some("https upstreams arrive with the proxy core"),
+            ));
+        }
+        if std::ptr::eq(b, first) {
+            upstream = Some(uri);
+        }
+    }
+
+    Ok(Loaded {
+        path: path.to_owned(),
+        class_ids,
+        default_class,
+        tenant_ids,
+        ports,
+        upstream: upstream.expect("first backend parsed"),
+        raw,
+    })
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[listen]
+addr = "0.0.0.0:8080"
+
+[kernel]
+interface = "eth0"
+attach = "xdp"
+
+[[class]]
+name = "interactive"
+priority = 0
+
+[[class]]
+name = "batch"
+priority = 3
+conn_rate = 50
+source_conn_rate = 5
+
+[[class]]
+name = "blocked"
+priority = 4
+deny = true
+
+[[network]]
+cidr = "10.0.0.0/8"
+class = "interactive"
+tenant = "team-a"
+
+[[network]]
+cidr = "fd00::/8"
+class = "batch"
+
+[[backend]]
+name = "local"
+url = "http://127.0.0.1:8000"
+"#;
+
+    fn parse_str(s: &str) -> Result<Loaded, ConfigError> {
+        parse(Path::new("kedge.toml"), s)
+    }
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = parse_str(GOOD).unwrap();
+        assert_eq!(c.attach(), AttachMode::Xdp);
+        assert_eq!(c.class_ids["batch"], 1);
+        assert_eq!(c.default_class, 2, "defaults to the last class");
+        assert_eq!(c.ports, vec![8080]);
+        assert_eq!(c.tenant_ids["team-a"], tenant_id("team-a"));
+        assert_eq!(c.upstream.to_string(), "http://127.0.0.1:8000/");
+        assert_eq!(c.raw.metrics.addr.port(), 9464);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let bad = GOOD.replace("deny = true", "deny = true\nbogus = 1");
+        let e = parse_str(&bad).unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("kedge.toml:23:"), "{s}");
+        assert!(s.contains("unknown field `bogus`"), "{s}");
+        assert!(s.contains("hint:"), "{s}");
+    }
+
+    #[test]
+    fn unknown_class_names_its_line_and_the_known_ones() {
+        let bad = GOOD.replace("class = \"batch\"", "class = \"bulk\"");
+        let e = parse_str(&bad).unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(31));
+        let s = e.to_string();
+        assert!(s.contains("unknown class `bulk`"), "{s}");
+        assert!(s.contains("interactive, batch, blocked"), "{s}");
+    }
+
+    #[test]
+    fn bad_cidr_points_at_the_value() {
+        let bad = GOOD.replace("10.0.0.0/8", "10.1.0.0/8");
+        let e = parse_str(&bad).unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(25));
+        assert!(e.to_string().contains("did you mean 10.0.0.0/8"), "{e}");
+    }
+
+    #[test]
+    fn attach_needs_an_interface() {
+        let bad = GOOD.replace("interface = \"eth0\"\n", "");
+        let e = parse_str(&bad).unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(6));
+        assert!(e.to_string().contains("needs kernel.interface"), "{e}");
+    }
+
+    #[test]
+    fn rejects_zero_rate_duplicate_class_and_missing_backend() {
+        let e = parse_str(&GOOD.replace("conn_rate = 50", "conn_rate = 0")).unwrap_err();
+        assert!(e.to_string().contains("between 1 and"), "{e}");
+        let e = parse_str(&GOOD.replace("name = \"batch\"", "name = \"interactive\"")).unwrap_err();
+        assert!(e.to_string().contains("defined twice"), "{e}");
+        let cut = GOOD.find("[[backend]]").unwrap();
+        let e = parse_str(&GOOD[..cut]).unwrap_err();
+        assert!(e.to_string().contains("missing field `backend`"), "{e}");
+        let e = parse_str(&GOOD.replace("http://127.0.0.1:8000", "ftp://x")).unwrap_err();
+        assert!(e.to_string().contains("must be http://"), "{e}");
+    }
+
+    #[test]
+    fn tenant_ids_are_stable_and_in_range() {
+        assert_eq!(tenant_id("team-a"), tenant_id("team-a"));
+        assert_ne!(tenant_id("team-a"), tenant_id("team-b"));
+        for name in ["", "a", "a-very-long-tenant-name"] {
+            assert!((1..=65_535).contains(&tenant_id(name)));
+        }
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/kedge.toml");
+        load(&path).unwrap();
+    }
+}

@@ -1,0 +1,80 @@
+//! `kedge run`: load the config, bring up the kernel edge, serve until signalled.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    config::{self, AttachMode},
+    kernel::{KernelEdge, TagReader},
+    metrics::{Admin, Metrics},
+    proxy::{Proxy, Tags},
+};
+
+pub async fn run(config_path: &Path) -> Result<()> {
+    let cfg = Arc::new(config::load(config_path)?);
+    let mode = cfg.attach();
+
+    let (kernel, tags) = if mode == AttachMode::Off {
+        tracing::info!("attach = \"off\": no kernel program, classifying in userspace");
+        (None, Tags::from_config(&cfg))
+    } else {
+        let edge = KernelEdge::start(&cfg)?;
+        let tags = Tags::Kernel(Box::new(TagReader::open(&edge.dir, cfg.default_class)?));
+        tracing::info!(
+            mode = mode.as_str(),
+            interface = cfg.raw.kernel.interface.as_deref().unwrap_or(""),
+            pins = %edge.dir.display(),
+            "kernel edge attached"
+        );
+        (Some(Arc::new(Mutex::new(edge))), tags)
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    let listener = TcpListener::bind(cfg.raw.listen.addr)
+        .await
+        .with_context(|| format!("binding the proxy to {}", cfg.raw.listen.addr))?;
+    let admin_listener = TcpListener::bind(cfg.raw.metrics.addr)
+        .await
+        .with_context(|| format!("binding the admin listener to {}", cfg.raw.metrics.addr))?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let proxy = Arc::new(Proxy::new(cfg.clone(), tags, metrics.clone()));
+    let admin = Arc::new(Admin {
+        metrics,
+        kernel: kernel.clone(),
+        config: cfg.clone(),
+    });
+    let proxy_task = tokio::spawn(proxy.serve(listener, stop_rx.clone()));
+    let admin_task = tokio::spawn(admin.serve(admin_listener, stop_rx));
+    tracing::info!(
+        proxy = %cfg.raw.listen.addr,
+        admin = %cfg.raw.metrics.addr,
+        upstream = %cfg.upstream,
+        "kedge is serving"
+    );
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    let _ = proxy_task.await;
+    let _ = admin_task.await;
+    if kernel.is_some() {
+        // Deliberate: pinned maps and links keep enforcing while the daemon is
+        // down or being upgraded; `kedge detach` removes them.
+        tracing::info!("kernel edge left attached (pinned); `kedge detach` removes it");
+    }
+    Ok(())
+}

@@ -1,0 +1,453 @@
+//! The kernel edge from userspace: load, attach, pin, fill the maps, read counters.
+//!
+//! Everything lives under `<pin_root>/v<MAPS_ABI_VERSION>/`: one file per map
+//! (same name as in the program) and one pinned link per attach point
+//! (`link_<mode>_<interface>`). A restarted daemon reopens the pinned maps (state
+//! survives) and swaps its freshly loaded program into the pinned link with one
+//! `BPF_LINK_UPDATE`, so enforcement never stops. `kedge detach` removes the directory.
+
+use std::{
+    net::IpAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc,
+    },
+};
+use kedge_common::{
+    ADMIT_ALL, Admission, CLASS_DENY, COUNTER_SLOTS, ClassPolicy, MAPS_ABI_VERSION, MAX_CLASSES,
+    MAX_PORTS, NetEntry, SETTINGS_ENABLED, SETTINGS_MARK, Settings, TenantState,
+};
+
+use crate::config::{AttachMode, Loaded};
+
+/// The eBPF object, built by build.rs with aya-build.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kedge-ebpf"));
+
+/// Names of the pinned maps, as in the program and in docs/maps.md.
+pub const MAP_NAMES: [&str; 10] = [
+    "SETTINGS",
+    "NETS_V4",
+    "NETS_V6",
+    "CLASSES",
+    "ADMISSION",
+    "CLASS_BUCKETS",
+    "SRC_BUCKETS",
+    "TENANTS",
+    "GPU_LOAD",
+    "COUNTERS",
+];
+
+/// `<pin_root>/v<ABI>`: the directory of this layout's maps and links.
+pub fn pin_dir(pin_root: &Path) -> PathBuf {
+    pin_root.join(format!("v{MAPS_ABI_VERSION}"))
+}
+
+/// Handles on the pinned maps the daemon writes and reads.
+pub struct KernelEdge {
+    pub dir: PathBuf,
+    settings: Array<MapData, Settings>,
+    nets_v4: LpmTrie<MapData, [u8; 4], NetEntry>,
+    nets_v6: LpmTrie<MapData, [u8; 16], NetEntry>,
+    classes: Array<MapData, ClassPolicy>,
+    admission: Array<MapData, Admission>,
+    tenants: HashMap<MapData, u32, TenantState>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Keeps our reference to the attach link; the pin keeps it past our exit.
+    _link: FdLink,
+}
+
+impl KernelEdge {
+    /// Loads the program (reusing pinned maps), fills the maps from `cfg`, then
+    /// attaches — or swaps the program into the existing pinned link.
+    pub fn start(cfg: &Loaded) -> Result<KernelEdge> {
+        let kcfg = &cfg.raw.kernel;
+        let mode = cfg.attach();
+        let iface = kcfg.interface.as_deref().ok_or_else(|| {
+            anyhow!(
+                "kernel.interface is required for attach = {}",
+                mode.as_str()
+            )
+        })?;
+        ensure_bpffs(&kcfg.pin_root)?;
+        let dir = pin_dir(&kcfg.pin_root);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create pin directory {}", dir.display()))?;
+
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (is this kernel built with BPF and BTF?)")?;
+
+        let mut edge = KernelEdge {
+            settings: typed(&mut ebpf, "SETTINGS")?,
+            nets_v4: typed(&mut ebpf, "NETS_V4")?,
+            nets_v6: typed(&mut ebpf, "NETS_V6")?,
+            classes: typed(&mut ebpf, "CLASSES")?,
+            admission: typed(&mut ebpf, "ADMISSION")?,
+            tenants: typed(&mut ebpf, "TENANTS")?,
+            counters: typed(&mut ebpf, "COUNTERS")?,
+            _link: attach(&mut ebpf, &dir, mode, iface)?,
+            dir,
+        };
+        for class in 0..MAX_CLASSES {
+            edge.admission
+                .set(
+                    class,
+                    Admission {
+                        admit_permille: ADMIT_ALL,
+                    },
+                    0,
+                )
+                .context("writing ADMISSION")?;
+        }
+        edge.sync(cfg)?;
+        if mode == AttachMode::Tc && kcfg.mark {
+            // The accepted socket inherits the SYN's mark only with this on (per netns).
+            std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
+                .context("enabling net.ipv4.tcp_fwmark_accept")?;
+        }
+        Ok(edge)
+    }
+
+    /// Makes the maps say what `cfg` says: settings, class policies, networks, tenants.
+    /// Entries no longer in the config are removed; counters and buckets are kept.
+    pub fn sync(&mut self, cfg: &Loaded) -> Result<()> {
+        let mut settings = Settings {
+            default_class: cfg.default_class,
+            flags: SETTINGS_ENABLED,
+            ..Default::default()
+        };
+        if cfg.attach() == AttachMode::Tc && cfg.raw.kernel.mark {
+            settings.flags |= SETTINGS_MARK;
+        }
+        for (slot, port) in settings
+            .ports
+            .iter_mut()
+            .zip(cfg.ports.iter().take(MAX_PORTS))
+        {
+            *slot = *port;
+        }
+
+        for class in 0..MAX_CLASSES {
+            let policy = match cfg.raw.classes.get(class as usize) {
+                Some(c) => class_policy(c),
+                None => ClassPolicy::default(),
+            };
+            self.classes
+                .set(class, policy, 0)
+                .context("writing CLASSES")?;
+        }
+
+        let mut want_v4 = std::collections::HashMap::new();
+        let mut want_v6 = std::collections::HashMap::new();
+        for n in &cfg.raw.networks {
+            let cidr = n.cidr.get_ref();
+            let entry = NetEntry {
+                class: cfg.class_ids[n.class.get_ref()],
+                tenant: n.tenant.as_ref().map_or(0, |t| cfg.tenant_ids[t.get_ref()]),
+            };
+            match cidr.addr() {
+                IpAddr::V4(a) => want_v4.insert((cidr.prefix() as u32, a.octets()), entry),
+                IpAddr::V6(a) => want_v6.insert((cidr.prefix() as u32, a.octets()), entry),
+            };
+        }
+        sync_trie(&mut self.nets_v4, &want_v4).context("writing NETS_V4")?;
+        sync_trie(&mut self.nets_v6, &want_v6).context("writing NETS_V6")?;
+
+        let stale: Vec<u32> = self
+            .tenants
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|id| !cfg.tenant_ids.values().any(|v| v == id))
+            .collect();
+        for id in stale {
+            let _ = self.tenants.remove(&id);
+        }
+        for id in cfg.tenant_ids.values() {
+            if self.tenants.get(id, 0).is_err() {
+                self.tenants
+                    .insert(id, TenantState::default(), 0)
+                    .context("writing TENANTS")?;
+            }
+        }
+        // Settings last: the program acts only once everything it reads is in place.
+        self.settings
+            .set(0, settings, 0)
+            .context("writing SETTINGS")?;
+        Ok(())
+    }
+
+    /// Per-slot packet counters summed over CPUs (`class * REASONS + reason`).
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        (0..COUNTER_SLOTS)
+            .map(|slot| {
+                let per_cpu = self.counters.get(&slot, 0)?;
+                Ok(per_cpu.iter().sum())
+            })
+            .collect()
+    }
+}
+
+fn class_policy(c: &crate::config::Class) -> ClassPolicy {
+    let rate = c.conn_rate.as_ref().map_or(0, |r| *r.get_ref());
+    let burst = c.conn_burst.unwrap_or(rate.max(1));
+    let src_rate = c.source_conn_rate.as_ref().map_or(0, |r| *r.get_ref());
+    let src_burst = c.source_conn_burst.unwrap_or(src_rate.max(1));
+    let (interval_ns, tolerance_ns) = ClassPolicy::gcra(rate, burst);
+    let (source_interval_ns, source_tolerance_ns) = ClassPolicy::gcra(src_rate, src_burst);
+    ClassPolicy {
+        interval_ns,
+        tolerance_ns,
+        source_interval_ns,
+        source_tolerance_ns,
+        flags: if c.deny { CLASS_DENY } else { 0 },
+        _pad: 0,
+    }
+}
+
+fn sync_trie<const N: usize>(
+    trie: &mut LpmTrie<MapData, [u8; N], NetEntry>,
+    want: &std::collections::HashMap<(u32, [u8; N]), NetEntry>,
+) -> Result<()>
+where
+    [u8; N]: aya::Pod,
+{
+    let have: Vec<Key<[u8; N]>> = trie.keys().filter_map(|k| k.ok()).collect();
+    for key in have {
+        if !want.contains_key(&(key.prefix_len(), key.data())) {
+            trie.remove(&key)?;
+        }
+    }
+    for ((len, data), entry) in want {
+        trie.insert(&Key::new(*len, *data), *entry, 0)?;
+    }
+    Ok(())
+}
+
+fn typed<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Attaches the program for `mode`, reusing a pinned link when there is one, and
+/// removes links pinned for another mode or interface.
+fn attach(ebpf: &mut Ebpf, dir: &Path, mode: AttachMode, iface: &str) -> Result<FdLink> {
+    let link_name = format!("link_{}_{iface}", mode.as_str());
+    let link_path = dir.join(&link_name);
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("link_") && name != link_name {
+            tracing::info!(link = %name, "removing a link pinned for another attach point");
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+
+    let existing = if link_path.exists() {
+        match PinnedLink::from_pin(&link_path) {
+            Ok(pinned) => Some(FdLink::from(pinned)),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %link_path.display(), "unusable pinned link, replacing it");
+                std::fs::remove_file(&link_path)?;
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    match mode {
+        AttachMode::Tc => {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut("kedge_tc")
+                .ok_or_else(|| anyhow!("program kedge_tc missing"))?
+                .try_into()?;
+            prog.load()?;
+            if let Some(link) = existing {
+                let swapped = (|| -> Result<_> { Ok(prog.attach_to_link(link.try_into()?)?) })();
+                match swapped {
+                    Ok(id) => return Ok(prog.take_link(id)?.try_into()?),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pinned tc link is stale, attaching afresh");
+                        std::fs::remove_file(&link_path)?;
+                    }
+                }
+            }
+            // Kernels before 6.6 have no TCX: aya falls back to a clsact qdisc.
+            let _ = tc::qdisc_add_clsact(iface);
+            let id = prog
+                .attach(iface, TcAttachType::Ingress)
+                .with_context(|| format!("attaching tc ingress to {iface}"))?;
+            let link: FdLink = prog
+                .take_link(id)?
+                .try_into()
+                .map_err(|_| anyhow!("this kernel has no TCX (Linux >= 6.6), so the tc link cannot be pinned; use attach = \"xdp\""))?;
+            pin_link(link, &link_path)
+        }
+        AttachMode::Xdp => {
+            let prog: &mut Xdp = ebpf
+                .program_mut("kedge_xdp")
+                .ok_or_else(|| anyhow!("program kedge_xdp missing"))?
+                .try_into()?;
+            prog.load()?;
+            if let Some(link) = existing {
+                let swapped = (|| -> Result<_> { Ok(prog.attach_to_link(link.try_into()?)?) })();
+                match swapped {
+                    Ok(id) => return Ok(prog.take_link(id)?.try_into()?),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pinned xdp link is stale, attaching afresh");
+                        std::fs::remove_file(&link_path)?;
+                    }
+                }
+            }
+            let id = prog
+                .attach(iface, XdpMode::Default)
+                .or_else(|_| prog.attach(iface, XdpMode::Skb))
+                .with_context(|| format!("attaching xdp to {iface}"))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            pin_link(link, &link_path)
+        }
+        AttachMode::Off => bail!("attach = \"off\" loads no program"),
+    }
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<FdLink> {
+    let pinned = link
+        .pin(path)
+        .with_context(|| format!("pinning link at {}", path.display()))?;
+    Ok(FdLink::from(pinned))
+}
+
+/// Removes every pinned map and link of every ABI version under `pin_root`:
+/// links go away with their last reference, so this detaches the programs.
+pub fn detach(pin_root: &Path) -> Result<bool> {
+    if !pin_root.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(pin_root)
+        .with_context(|| format!("removing {}", pin_root.display()))?;
+    Ok(true)
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mounts bpffs at /sys/fs/bpf when `pin_root` is below it and nothing is mounted.
+fn ensure_bpffs(pin_root: &Path) -> Result<()> {
+    let parent = pin_root.parent().unwrap_or(pin_root);
+    if is_bpffs(parent)? {
+        return Ok(());
+    }
+    let base = Path::new("/sys/fs/bpf");
+    if !pin_root.starts_with(base) {
+        bail!("{} is not on a bpf filesystem", parent.display());
+    }
+    std::fs::create_dir_all(base)?;
+    let src = c"bpf";
+    let target = c"/sys/fs/bpf";
+    // SAFETY: static NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");
+    }
+    tracing::info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    let mut p = path;
+    // Walk up to an existing directory: the pin root may not exist yet.
+    while !p.exists() {
+        p = p.parent().unwrap_or(Path::new("/"));
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Reads a connection's kernel tag: the socket mark (tc mode), or a lookup in the
+/// pinned LPM maps (XDP mode, or a mark lost to syncookies).
+pub struct TagReader {
+    nets_v4: LpmTrie<MapData, [u8; 4], NetEntry>,
+    nets_v6: LpmTrie<MapData, [u8; 16], NetEntry>,
+    default_class: u32,
+}
+
+impl TagReader {
+    pub fn open(dir: &Path, default_class: u32) -> Result<TagReader> {
+        let open = |name: &str| -> Result<Map> {
+            let data = MapData::from_pin(dir.join(name))
+                .with_context(|| format!("opening pinned map {name}"))?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Ok(TagReader {
+            nets_v4: open("NETS_V4")?.try_into()?,
+            nets_v6: open("NETS_V6")?.try_into()?,
+            default_class,
+        })
+    }
+
+    /// `(class, tenant)` for a connection accepted on `sock` from `peer`.
+    pub fn tag(&self, sock: &impl AsRawFd, peer: IpAddr) -> (u32, u32) {
+        if let Some(tag) = socket_mark(sock).and_then(kedge_common::decode_mark) {
+            return tag;
+        }
+        let found = match peer {
+            IpAddr::V4(a) => self.nets_v4.get(&Key::new(32, a.octets()), 0),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => self.nets_v4.get(&Key::new(32, v4.octets()), 0),
+                None => self.nets_v6.get(&Key::new(128, a.octets()), 0),
+            },
+        };
+        match found {
+            Ok(e) => (e.class, e.tenant),
+            Err(_) => (self.default_class, 0),
+        }
+    }
+}
+
+fn socket_mark(sock: &impl AsRawFd) -> Option<u32> {
+    let mut mark: u32 = 0;
+    let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+    // SAFETY: valid fd, out pointer and length for SO_MARK (an int).
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mut mark as *mut u32).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(mark)
+}

@@ -1,0 +1,12 @@
+//! kedge: a privileged host daemon that shapes LLM traffic at the kernel edge.
+//!
+//! One concern per module; a request's path reads top to bottom:
+//! [`config`] → [`kernel`] (load, attach, pin, maps) → [`proxy`] (accept, tag,
+//! forward) → [`metrics`]. [`daemon`] wires them together for `kedge run`.
+
+pub mod cidr;
+pub mod config;
+pub mod daemon;
+pub mod kernel;
+pub mod metrics;
+pub mod proxy;

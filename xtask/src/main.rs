@@ -1,0 +1,241 @@
+//! `cargo xtask <command>`: everything a developer or CI does to kedge.
+//!
+//! - `setup`: install what the eBPF build and the tests need (idempotent; says what it did).
+//! - `build`: release build of the daemon with the embedded eBPF object.
+//! - `test`: the test command of the README (unit + end-to-end; root for the kernel tests).
+//! - `run [CONFIG]`: build and run the daemon.
+//! - `lint`: rustfmt and clippy, warnings denied.
+//!
+//! Every command but `setup` first checks the toolchain and stops with one clear
+//! sentence when something is missing.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The recipe of shared/TOOLCHAIN.md: the versions that build together here.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PACKAGE: &str = "llvm-22-dev";
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+const DEBIAN_TOOLCHAIN: &str = "debian-web";
+/// Debian's rustc 1.96 with its library sources: a stable compiler that can
+/// `-Z build-std=core` under RUSTC_BOOTSTRAP=1.
+const DEBIAN_RUST_PACKAGES: &[&str] = &["rustc-web", "rust-web-src", "cargo-web"];
+/// What the tests and tools use besides the Rust toolchain.
+const TOOL_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iproute2",
+    "curl",
+    "iputils-ping",
+    "netcat-openbsd",
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("build") => check().and_then(|_| build()),
+        Some("test") => check().and_then(|_| test(&args[1..])),
+        Some("run") => check().and_then(|_| run(args.get(1).map(String::as_str))),
+        Some("lint") => check().and_then(|_| lint()),
+        _ => {
+            eprintln!("usage: cargo xtask <setup|build|test|run [CONFIG]|lint>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let s = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !s.success() {
+        bail!("{cmd:?} failed ({s})");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn deb_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .contains("install ok installed")
+}
+
+fn nightly_has_rust_src() -> bool {
+    output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .lines()
+    .any(|l| l.starts_with("rust-src"))
+}
+
+fn debian_toolchain_linked() -> bool {
+    succeeds(Command::new("rustup").args(["run", DEBIAN_TOOLCHAIN, "rustc", "--version"]))
+}
+
+fn bpf_linker_ok() -> bool {
+    output(Command::new("bpf-linker").arg("--version")).contains(BPF_LINKER_VERSION)
+}
+
+/// Which compiler builds the eBPF side: nightly with rust-src if the machine has
+/// it, else Debian's rustc-web (the route verified in shared/TOOLCHAIN.md).
+fn use_nightly() -> bool {
+    nightly_has_rust_src()
+}
+
+fn setup() -> Result<()> {
+    let mut did = Vec::new();
+    let nightly = use_nightly();
+    let mut packages: Vec<&str> = TOOL_PACKAGES.to_vec();
+    packages.push(LLVM_PACKAGE);
+    if !nightly {
+        packages.extend_from_slice(DEBIAN_RUST_PACKAGES);
+    }
+    let missing: Vec<&str> = packages.into_iter().filter(|p| !deb_installed(p)).collect();
+    if !missing.is_empty() {
+        println!("setup: installing Debian packages: {}", missing.join(" "));
+        status(Command::new("apt-get").args(["update", "-q"]))
+            .context("apt-get update (are you root?)")?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("installing Debian packages")?;
+        did.push(format!("installed {}", missing.join(" ")));
+    }
+
+    if !bpf_linker_ok() {
+        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 90 s)");
+        let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+        status(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--locked",
+                ])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("PATH", path),
+        )
+        .context("building bpf-linker")?;
+        did.push(format!("installed bpf-linker {BPF_LINKER_VERSION}"));
+    }
+
+    if nightly {
+        println!("setup: using nightly with rust-src for the eBPF build");
+    } else if !debian_toolchain_linked() {
+        status(Command::new("rustup").args(["toolchain", "link", DEBIAN_TOOLCHAIN, "/usr"]))
+            .context("linking Debian's rustc into rustup")?;
+        did.push(format!(
+            "linked rustup toolchain {DEBIAN_TOOLCHAIN} -> /usr"
+        ));
+    }
+
+    if did.is_empty() {
+        println!("setup: everything was already in place");
+    } else {
+        for d in did {
+            println!("setup: {d}");
+        }
+    }
+    check()
+}
+
+/// Fails with one sentence when the eBPF build cannot work on this machine.
+fn check() -> Result<()> {
+    if !bpf_linker_ok() {
+        bail!("bpf-linker {BPF_LINKER_VERSION} is missing: run `cargo xtask setup`");
+    }
+    if !use_nightly() && !debian_toolchain_linked() {
+        bail!(
+            "no compiler for the eBPF side: neither nightly with rust-src nor Debian's rustc-web \
+             linked as `{DEBIAN_TOOLCHAIN}`; run `cargo xtask setup`"
+        );
+    }
+    Ok(())
+}
+
+fn ebpf_toolchain_env(cmd: &mut Command) -> &mut Command {
+    if use_nightly() {
+        cmd.env("KEDGE_EBPF_TOOLCHAIN", "nightly")
+    } else {
+        cmd.env("KEDGE_EBPF_TOOLCHAIN", DEBIAN_TOOLCHAIN)
+    }
+}
+
+fn build() -> Result<()> {
+    status(ebpf_toolchain_env(&mut cargo()).args(["build", "--release", "-p", "kedge"]))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    // SAFETY: no arguments.
+    if unsafe { libc_geteuid() } != 0 {
+        println!("xtask: not root: the kernel and namespace tests will skip");
+    }
+    status(ebpf_toolchain_env(&mut cargo()).arg("test").args(extra))
+}
+
+fn run(config: Option<&str>) -> Result<()> {
+    build()?;
+    let config = config.unwrap_or("config/kedge.toml");
+    status(
+        Command::new(root().join("target/release/kedge"))
+            .args(["run", "--config", config])
+            .current_dir(root()),
+    )
+}
+
+fn lint() -> Result<()> {
+    status(cargo().args(["fmt", "--all", "--check"]))?;
+    status(ebpf_toolchain_env(&mut cargo()).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
