@@ -35,6 +35,14 @@ pub struct Config {
     pub backends: Vec<Backend>,
     #[serde(default)]
     pub metrics: Metrics,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub classify: Classify,
+    #[serde(rename = "api_key", default)]
+    pub api_keys: Vec<ApiKey>,
+    #[serde(rename = "route", default)]
+    pub routes: Vec<Route>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +50,147 @@ pub struct Config {
 pub struct Listen {
     /// Where the OpenAI-compatible proxy listens.
     pub addr: SocketAddr,
+    /// Terminate TLS here (ALPN h2 and http/1.1); absent = plain HTTP (h2c allowed).
+    pub tls: Option<ListenTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTls {
+    /// PEM certificate chain, leaf first. Re-read on SIGHUP.
+    pub cert: Spanned<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Spanned<PathBuf>,
+}
+
+/// What one client connection or request may cost the daemon.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body accepted (413 above).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// HTTP/1 request head (and TLS handshake) must arrive within this.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// The whole request body must arrive within this (408 otherwise).
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// A connection with no request in flight and no bytes moving is closed after this.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Largest non-streaming upstream response kedge buffers to read its usage (502 above).
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: default_max_body_bytes(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            max_response_bytes: default_max_response_bytes(),
+        }
+    }
+}
+
+fn default_max_body_bytes() -> u64 {
+    4 << 20
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_body_read_timeout_ms() -> u64 {
+    30_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    120_000
+}
+fn default_max_response_bytes() -> u64 {
+    64 << 20
+}
+
+/// One link of the classification chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassifyStep {
+    /// `Authorization: Bearer <key>` matched against `[[api_key]]`.
+    ApiKey,
+    /// `tenant_header` / `class_header`, only from `trusted_cidrs`.
+    Header,
+    /// The kernel's tag for the connection (or the userspace LPM when attach = "off").
+    Kernel,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Classify {
+    /// Each attribute (tenant, class) comes from the first step that supplies it;
+    /// `kernel.default_class` applies last.
+    #[serde(default = "default_order")]
+    pub order: Vec<ClassifyStep>,
+    /// Refuse requests without a known API key (401).
+    #[serde(default)]
+    pub require_api_key: bool,
+    /// Sources allowed to set the tenant/class headers (a gateway in front of kedge).
+    #[serde(default)]
+    pub trusted_cidrs: Vec<Spanned<Cidr>>,
+    #[serde(default = "default_tenant_header")]
+    pub tenant_header: String,
+    #[serde(default = "default_class_header")]
+    pub class_header: String,
+}
+
+impl Default for Classify {
+    fn default() -> Self {
+        Classify {
+            order: default_order(),
+            require_api_key: false,
+            trusted_cidrs: Vec::new(),
+            tenant_header: default_tenant_header(),
+            class_header: default_class_header(),
+        }
+    }
+}
+
+fn default_order() -> Vec<ClassifyStep> {
+    vec![
+        ClassifyStep::ApiKey,
+        ClassifyStep::Header,
+        ClassifyStep::Kernel,
+    ]
+}
+fn default_tenant_header() -> String {
+    "x-kedge-tenant".into()
+}
+fn default_class_header() -> String {
+    "x-kedge-class".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Shown in logs and metrics instead of the key.
+    pub name: Spanned<String>,
+    /// Lower-case hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`).
+    pub sha256: Spanned<String>,
+    pub tenant: Spanned<String>,
+    /// Class for this key's requests (else the next step of the chain decides).
+    pub class: Option<Spanned<String>>,
+    /// Models this key may use (absent = every routed model).
+    pub models: Option<Vec<Spanned<String>>>,
+}
+
+/// A model name clients send, and the backend that serves it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub model: Spanned<String>,
+    pub backend: Spanned<String>,
+    /// Model name the backend knows it by (default: `model`).
+    pub upstream_model: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -141,7 +290,45 @@ pub struct Network {
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     pub name: Spanned<String>,
+    /// `http://host:port` or `https://host[:port]` (system roots, plus `ca_file`).
     pub url: Spanned<String>,
+    /// Ask for `stream_options.include_usage` on streams (turn off for servers that reject it).
+    #[serde(default = "yes")]
+    pub stream_usage: bool,
+    /// When a streaming client goes away: `cancel` the upstream request, or
+    /// `drain` it to read the exact usage (paid APIs bill the whole answer anyway).
+    #[serde(default)]
+    pub on_disconnect: OnDisconnect,
+    /// Environment variable holding the key sent upstream as `Authorization: Bearer`.
+    pub api_key_env: Option<String>,
+    /// Extra PEM CA certificates trusted for this https backend.
+    pub ca_file: Option<Spanned<PathBuf>>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Until the response head arrives (and, non-streaming, the whole body): 504 after.
+    #[serde(default = "default_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+    /// Longest silence between two chunks of a stream before kedge ends it.
+    #[serde(default = "default_stream_idle_timeout_ms")]
+    pub stream_idle_timeout_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDisconnect {
+    #[default]
+    Cancel,
+    Drain,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_response_timeout_ms() -> u64 {
+    300_000
+}
+fn default_stream_idle_timeout_ms() -> u64 {
+    120_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,7 +384,10 @@ pub struct Loaded {
     /// Tenant name → id (stable: derived from the name).
     pub tenant_ids: HashMap<String, u32>,
     pub ports: Vec<u16>,
-    pub upstream: Uri,
+    /// Parsed `[[backend]]` URLs, in config order.
+    pub backend_uris: Vec<Uri>,
+    /// `[[route]]` model → index into `[[backend]]`.
+    pub route_backends: HashMap<String, usize>,
 }
 
 impl Loaded {
@@ -314,8 +504,26 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         None => raw.classes.len() as u32 - 1,
     };
 
-    // Networks and tenants.
+    // Networks, API keys and the tenants they name.
     let mut tenant_ids: HashMap<String, u32> = HashMap::new();
+    let mut register_tenant = |t: &Spanned<String>| -> Result<(), ConfigError> {
+        let id = tenant_id(t.get_ref());
+        if let Some((other, _)) = tenant_ids
+            .iter()
+            .find(|(k, v)| **v == id && *k != t.get_ref())
+        {
+            return Err(err(
+                Some(t.span()),
+                format!(
+                    "tenant names `{}` and `{other}` hash to the same id",
+                    t.get_ref()
+                ),
+                Some("rename one of them"),
+            ));
+        }
+        tenant_ids.insert(t.get_ref().clone(), id);
+        Ok(())
+    };
     let mut seen = HashSet::new();
     for n in &raw.networks {
         class_ref(&n.class)?;
@@ -327,21 +535,65 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
             ));
         }
         if let Some(t) = &n.tenant {
-            let id = tenant_id(t.get_ref());
-            if let Some((other, _)) = tenant_ids
-                .iter()
-                .find(|(k, v)| **v == id && *k != t.get_ref())
-            {
-                return Err(err(
-                    Some(t.span()),
-                    format!(
-                        "tenant names `{}` and `{other}` hash to the same id",
-                        t.get_ref()
-                    ),
-                    Some("rename one of them"),
-                ));
-            }
-            tenant_ids.insert(t.get_ref().clone(), id);
+            register_tenant(t)?;
+        }
+    }
+    let mut key_names = HashSet::new();
+    let mut key_hashes = HashSet::new();
+    for k in &raw.api_keys {
+        if !key_names.insert(k.name.get_ref().as_str()) {
+            return Err(err(
+                Some(k.name.span()),
+                format!("api_key `{}` is defined twice", k.name.get_ref()),
+                None,
+            ));
+        }
+        let h = k.sha256.get_ref();
+        if h.len() != 64
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(err(
+                Some(k.sha256.span()),
+                "sha256 must be 64 lower-case hex digits".into(),
+                Some("printf %s \"$KEY\" | sha256sum"),
+            ));
+        }
+        if !key_hashes.insert(h.as_str()) {
+            return Err(err(
+                Some(k.sha256.span()),
+                "two api keys have the same sha256".into(),
+                None,
+            ));
+        }
+        register_tenant(&k.tenant)?;
+        if let Some(c) = &k.class {
+            class_ref(c)?;
+        }
+    }
+    if raw.classify.require_api_key && raw.api_keys.is_empty() {
+        return Err(err(
+            None,
+            "classify.require_api_key is set but no [[api_key]] is defined".into(),
+            Some("add [[api_key]] entries or set require_api_key = false"),
+        ));
+    }
+    let mut steps = HashSet::new();
+    if let Some(step) = raw.classify.order.iter().find(|s| !steps.insert(**s)) {
+        return Err(err(
+            None,
+            format!("classify.order names {step:?} twice"),
+            None,
+        ));
+    }
+    for name in [&raw.classify.tenant_header, &raw.classify.class_header] {
+        if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(err(
+                None,
+                format!("`{name}` is not a valid header name"),
+                None,
+            ));
         }
     }
 
@@ -368,15 +620,23 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     }
 
     // Backends.
-    let Some(first) = raw.backends.first() else {
+    if raw.backends.is_empty() {
         return Err(err(
             None,
             "no [[backend]] defined".into(),
             Some("add one, e.g. [[backend]] name = \"local\" url = \"http://127.0.0.1:8000\""),
         ));
-    };
-    let mut upstream = None;
-    for b in &raw.backends {
+    }
+    let mut backend_uris = Vec::new();
+    let mut backend_ids = HashMap::new();
+    for (i, b) in raw.backends.iter().enumerate() {
+        if backend_ids.insert(b.name.get_ref().as_str(), i).is_some() {
+            return Err(err(
+                Some(b.name.span()),
+                format!("backend `{}` is defined twice", b.name.get_ref()),
+                None,
+            ));
+        }
         let uri: Uri = b.url.get_ref().parse().map_err(|e| {
             err(
                 Some(b.url.span()),
@@ -384,15 +644,79 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
                 None,
             )
         })?;
-        if !matches!(uri.scheme_str(), Some("http")) || uri.authority().is_none() {
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
             return Err(err(
                 Some(b.url.span()),
-                format!("backend url `{}` must be http://host:port", b.url.get_ref()),
-                Some("https upstreams arrive with the proxy core"),
+                format!(
+                    "backend url `{}` must be http://host:port or https://host[:port]",
+                    b.url.get_ref()
+                ),
+                None,
             ));
         }
-        if std::ptr::eq(b, first) {
-            upstream = Some(uri);
+        if let Some(ca) = &b.ca_file
+            && !ca.get_ref().is_file()
+        {
+            return Err(err(
+                Some(ca.span()),
+                format!("ca_file {} is not a readable file", ca.get_ref().display()),
+                None,
+            ));
+        }
+        backend_uris.push(uri);
+    }
+
+    // Routes.
+    let mut route_backends = HashMap::new();
+    for r in &raw.routes {
+        let Some(&backend) = backend_ids.get(r.backend.get_ref().as_str()) else {
+            let known: Vec<_> = raw
+                .backends
+                .iter()
+                .map(|b| b.name.get_ref().as_str())
+                .collect();
+            return Err(err(
+                Some(r.backend.span()),
+                format!("unknown backend `{}`", r.backend.get_ref()),
+                Some(&format!("defined backends: {}", known.join(", "))),
+            ));
+        };
+        if route_backends
+            .insert(r.model.get_ref().clone(), backend)
+            .is_some()
+        {
+            return Err(err(
+                Some(r.model.span()),
+                format!("model `{}` is routed twice", r.model.get_ref()),
+                None,
+            ));
+        }
+    }
+    for k in &raw.api_keys {
+        for m in k.models.iter().flatten() {
+            if !raw.routes.is_empty() && !route_backends.contains_key(m.get_ref()) {
+                return Err(err(
+                    Some(m.span()),
+                    format!(
+                        "api_key allows model `{}`, which no [[route]] serves",
+                        m.get_ref()
+                    ),
+                    None,
+                ));
+            }
+        }
+    }
+
+    // TLS files: a typo should fail `check-config`, not the first handshake.
+    if let Some(tls) = &raw.listen.tls {
+        for f in [&tls.cert, &tls.key] {
+            if !f.get_ref().is_file() {
+                return Err(err(
+                    Some(f.span()),
+                    format!("{} is not a readable file", f.get_ref().display()),
+                    None,
+                ));
+            }
         }
     }
 
@@ -402,7 +726,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         default_class,
         tenant_ids,
         ports,
-        upstream: upstream.expect("first backend parsed"),
+        backend_uris,
+        route_backends,
         raw,
     })
 }
@@ -470,7 +795,7 @@ url = "http://127.0.0.1:8000"
         assert_eq!(c.default_class, 2, "defaults to the last class");
         assert_eq!(c.ports, vec![8080]);
         assert_eq!(c.tenant_ids["team-a"], tenant_id("team-a"));
-        assert_eq!(c.upstream.to_string(), "http://127.0.0.1:8000/");
+        assert_eq!(c.backend_uris[0].to_string(), "http://127.0.0.1:8000/");
         assert_eq!(c.raw.metrics.addr.port(), 9464);
     }
 
@@ -521,6 +846,11 @@ url = "http://127.0.0.1:8000"
         assert!(e.to_string().contains("missing field `backend`"), "{e}");
         let e = parse_str(&GOOD.replace("http://127.0.0.1:8000", "ftp://x")).unwrap_err();
         assert!(e.to_string().contains("must be http://"), "{e}");
+        let e = parse_str(&format!(
+            "{GOOD}[[route]]\nmodel = \"m\"\nbackend = \"nope\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown backend `nope`"), "{e}");
     }
 
     #[test]

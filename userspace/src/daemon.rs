@@ -16,7 +16,7 @@ use crate::{
     config::{self, AttachMode},
     kernel::{KernelEdge, TagReader},
     metrics::{Admin, Metrics},
-    proxy::{Proxy, Tags},
+    proxy::{Proxy, Tags, tls},
 };
 
 pub async fn run(config_path: &Path) -> Result<()> {
@@ -46,27 +46,53 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .await
         .with_context(|| format!("binding the admin listener to {}", cfg.raw.metrics.addr))?;
 
+    let cert = match &cfg.raw.listen.tls {
+        Some(t) => Some(tls::ReloadableCert::load(
+            t.cert.get_ref(),
+            t.key.get_ref(),
+        )?),
+        None => None,
+    };
+    let acceptor = match &cert {
+        Some(c) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+            c.clone(),
+        )?)),
+        None => None,
+    };
+
     let (stop_tx, stop_rx) = watch::channel(false);
-    let proxy = Arc::new(Proxy::new(cfg.clone(), tags, metrics.clone()));
+    let proxy = Arc::new(Proxy::new(cfg.clone(), tags, metrics.clone())?);
     let admin = Arc::new(Admin {
         metrics,
         kernel: kernel.clone(),
         config: cfg.clone(),
     });
-    let proxy_task = tokio::spawn(proxy.serve(listener, stop_rx.clone()));
+    let proxy_task = tokio::spawn(proxy.serve(listener, acceptor, stop_rx.clone()));
     let admin_task = tokio::spawn(admin.serve(admin_listener, stop_rx));
     tracing::info!(
         proxy = %cfg.raw.listen.addr,
         admin = %cfg.raw.metrics.addr,
-        upstream = %cfg.upstream,
+        tls = cert.is_some(),
+        backends = cfg.raw.backends.len(),
+        routes = cfg.raw.routes.len(),
         "kedge is serving"
     );
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = hup.recv() => match &cert {
+                Some(c) => match c.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "SIGHUP: TLS reload failed; keeping the old certificate"),
+                },
+                None => tracing::info!("SIGHUP: no TLS listener, nothing to reload"),
+            },
+        }
     }
     let _ = stop_tx.send(true);
     let _ = proxy_task.await;

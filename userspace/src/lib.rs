@@ -2,11 +2,16 @@
 //!
 //! One concern per module; a request's path reads top to bottom:
 //! [`config`] → [`kernel`] (load, attach, pin, maps) → [`proxy`] (accept, tag,
-//! forward) → [`metrics`]. [`daemon`] wires them together for `kedge run`.
+//! [`classify`], route, forward, [`openai`] protocol, [`sse`] streams, [`tokens`])
+//! → [`metrics`]. [`daemon`] wires them together for `kedge run`.
 
 pub mod cidr;
+pub mod classify;
 pub mod config;
 pub mod daemon;
 pub mod kernel;
 pub mod metrics;
+pub mod openai;
 pub mod proxy;
+pub mod sse;
+pub mod tokens;

@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kedge_common::{GLOBAL_SLOT, REASONS, Reason};
-use prometheus::{IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{config::Loaded, kernel::KernelEdge};
@@ -21,6 +21,10 @@ use crate::{config::Loaded, kernel::KernelEdge};
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
+    /// Tokens by direction (input = prompt, output = completion), class, tenant.
+    pub tokens: IntCounterVec,
+    /// Tenant/class headers that arrived from untrusted sources and were ignored.
+    pub untrusted_headers: IntCounter,
     kernel_packets: IntCounterVec,
     /// Last kernel counter values seen, to turn totals into counter increments.
     kernel_seen: Mutex<Vec<u64>>,
@@ -45,8 +49,27 @@ impl Metrics {
             &["class", "verdict", "action"],
         )
         .expect("valid metric");
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "kedge_tokens_total",
+                "Tokens of settled requests, by direction (input, output), class and tenant.",
+            ),
+            &["direction", "class", "tenant"],
+        )
+        .expect("valid metric");
+        let untrusted_headers = IntCounter::new(
+            "kedge_untrusted_header_total",
+            "Requests whose tenant/class headers came from an untrusted source and were ignored.",
+        )
+        .expect("valid metric");
         registry
             .register(Box::new(requests.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(tokens.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(untrusted_headers.clone()))
             .expect("unique metric");
         registry
             .register(Box::new(kernel_packets.clone()))
@@ -54,6 +77,8 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            tokens,
+            untrusted_headers,
             kernel_packets,
             kernel_seen: Mutex::new(Vec::new()),
         }

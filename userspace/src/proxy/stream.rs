@@ -1,0 +1,238 @@
+//! A streaming (SSE) answer on its way to the client: each upstream event is
+//! forwarded as soon as it is complete, usage is read on the way, and the
+//! request is settled exactly once, however the stream ends.
+//!
+//! Ends: the upstream finishes (usage as reported, else counted); the upstream
+//! breaks or falls silent (counted so far; the client sees the stream abort);
+//! the client goes away (this body is dropped): the backend's `on_disconnect`
+//! says whether to cancel the upstream request (count what was streamed) or
+//! drain it in the background (exact usage from its last chunk).
+
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::{BoxError, Settlement};
+use crate::{
+    config::OnDisconnect,
+    openai::{self, Usage},
+    sse::{Event, MAX_EVENT_BYTES, SseSplitter},
+    tokens,
+};
+
+/// Reads usage and generated text out of the events of one stream.
+pub struct Meter {
+    splitter: SseSplitter,
+    /// Drop the usage-only chunk kedge asked for and the client did not.
+    strip_usage_chunk: bool,
+    reported: Option<Usage>,
+    completion_bytes: u64,
+    prompt_estimate: u64,
+}
+
+impl Meter {
+    pub fn new(strip_usage_chunk: bool, prompt_estimate: u64) -> Meter {
+        Meter {
+            splitter: SseSplitter::default(),
+            strip_usage_chunk,
+            reported: None,
+            completion_bytes: 0,
+            prompt_estimate,
+        }
+    }
+
+    /// Feeds upstream bytes; returns the events to forward, in order.
+    fn observe(&mut self, chunk: &[u8]) -> Result<Vec<Bytes>, BoxError> {
+        let events = self.splitter.push(chunk);
+        if self.splitter.pending() > MAX_EVENT_BYTES {
+            return Err("upstream sent an SSE event over the size limit".into());
+        }
+        Ok(events.into_iter().filter_map(|e| self.keep(e)).collect())
+    }
+
+    /// The stream ended: an unterminated last event still counts.
+    fn finish(&mut self) -> Option<Bytes> {
+        let tail = self.splitter.finish()?;
+        self.keep(tail)
+    }
+
+    fn keep(&mut self, event: Event) -> Option<Bytes> {
+        let Some(data) = &event.data else {
+            return Some(event.raw);
+        };
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(data) else {
+            // `[DONE]` and anything else that is not JSON pass through untouched.
+            return Some(event.raw);
+        };
+        if let Some(usage) = openai::usage_of(&json) {
+            self.reported = Some(usage);
+        }
+        self.completion_bytes += openai::chunk_text(&json).len() as u64;
+        if self.strip_usage_chunk && openai::is_usage_only_chunk(&json) {
+            return None;
+        }
+        Some(event.raw)
+    }
+
+    /// Usage as the upstream reported it, else counted from what passed.
+    pub fn usage(&self) -> Usage {
+        self.reported.unwrap_or(Usage {
+            prompt_tokens: self.prompt_estimate,
+            completion_tokens: tokens::count_bytes(self.completion_bytes),
+            reported: false,
+        })
+    }
+}
+
+pub struct MeteredStream {
+    upstream: Option<Incoming>,
+    meter: Meter,
+    out: VecDeque<Bytes>,
+    idle: Pin<Box<Sleep>>,
+    idle_timeout: Duration,
+    on_disconnect: OnDisconnect,
+    settlement: Option<Settlement>,
+}
+
+impl MeteredStream {
+    pub fn new(
+        upstream: Incoming,
+        meter: Meter,
+        idle_timeout: Duration,
+        on_disconnect: OnDisconnect,
+        settlement: Settlement,
+    ) -> MeteredStream {
+        MeteredStream {
+            upstream: Some(upstream),
+            meter,
+            out: VecDeque::new(),
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_timeout,
+            on_disconnect,
+            settlement: Some(settlement),
+        }
+    }
+
+    fn settle(&mut self, outcome: &'static str) {
+        if let Some(s) = self.settlement.take() {
+            s.settle(self.meter.usage(), outcome);
+        }
+    }
+
+    /// Ends the stream early: settle with what passed, drop the upstream.
+    fn abort(
+        &mut self,
+        outcome: &'static str,
+        error: BoxError,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.upstream = None;
+        self.settle(outcome);
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl HttpBody for MeteredStream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(bytes) = this.out.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            let Some(upstream) = this.upstream.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match Pin::new(upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    if let Ok(data) = frame.into_data() {
+                        match this.meter.observe(&data) {
+                            Ok(events) => this.out.extend(events),
+                            Err(e) => return this.abort("upstream_garbage", e),
+                        }
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "upstream stream broke");
+                    return this.abort("upstream_reset", Box::new(e));
+                }
+                Poll::Ready(None) => {
+                    this.upstream = None;
+                    this.out.extend(this.meter.finish());
+                    this.settle("complete");
+                }
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        tracing::warn!("upstream stream idle too long; ending it");
+                        return this.abort("upstream_idle", "upstream stream idle timeout".into());
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.upstream.is_none() && self.out.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl Drop for MeteredStream {
+    fn drop(&mut self) {
+        let Some(settlement) = self.settlement.take() else {
+            return;
+        };
+        // The client went away before the stream ended.
+        let upstream = self.upstream.take();
+        let handle = tokio::runtime::Handle::try_current();
+        match (self.on_disconnect, upstream, handle) {
+            (OnDisconnect::Drain, Some(upstream), Ok(handle)) => {
+                let meter = std::mem::replace(&mut self.meter, Meter::new(false, 0));
+                handle.spawn(drain(upstream, meter, self.idle_timeout, settlement));
+            }
+            // Dropping the upstream body closes its connection: the backend
+            // sees the cancellation and stops generating.
+            _ => settlement.settle(self.meter.usage(), "client_gone"),
+        }
+    }
+}
+
+/// Reads the rest of an abandoned stream to learn its exact usage.
+async fn drain(mut upstream: Incoming, mut meter: Meter, idle: Duration, settlement: Settlement) {
+    loop {
+        match tokio::time::timeout(idle, upstream.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data()
+                    && meter.observe(&data).is_err()
+                {
+                    break;
+                }
+            }
+            Ok(None) => {
+                meter.finish();
+                break;
+            }
+            Ok(Some(Err(_))) | Err(_) => break,
+        }
+    }
+    settlement.settle(meter.usage(), "client_gone_drained");
+}
