@@ -101,6 +101,8 @@ pub struct MeteredStream {
     idle_timeout: Duration,
     on_disconnect: OnDisconnect,
     settlement: Option<Settlement>,
+    /// Why the stream ends early, reported once what passed is delivered.
+    failure: Option<BoxError>,
 }
 
 impl MeteredStream {
@@ -119,6 +121,7 @@ impl MeteredStream {
             idle_timeout,
             on_disconnect,
             settlement: Some(settlement),
+            failure: None,
         }
     }
 
@@ -128,15 +131,12 @@ impl MeteredStream {
         }
     }
 
-    /// Ends the stream early: settle with what passed, drop the upstream.
-    fn abort(
-        &mut self,
-        outcome: &'static str,
-        error: BoxError,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// Ends the stream early: settle with what passed, drop the upstream,
+    /// deliver the events already complete, then fail the client's stream.
+    fn abort(&mut self, outcome: &'static str, error: BoxError) {
         self.upstream = None;
         self.settle(outcome);
-        Poll::Ready(Some(Err(error)))
+        self.failure = Some(error);
     }
 }
 
@@ -153,6 +153,9 @@ impl HttpBody for MeteredStream {
             if let Some(bytes) = this.out.pop_front() {
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
+            if let Some(e) = this.failure.take() {
+                return Poll::Ready(Some(Err(e)));
+            }
             let Some(upstream) = this.upstream.as_mut() else {
                 return Poll::Ready(None);
             };
@@ -163,13 +166,13 @@ impl HttpBody for MeteredStream {
                     if let Ok(data) = frame.into_data() {
                         match this.meter.observe(&data) {
                             Ok(events) => this.out.extend(events),
-                            Err(e) => return this.abort("upstream_garbage", e),
+                            Err(e) => this.abort("upstream_garbage", e),
                         }
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(error = %e, "upstream stream broke");
-                    return this.abort("upstream_reset", Box::new(e));
+                    this.abort("upstream_reset", Box::new(e));
                 }
                 Poll::Ready(None) => {
                     this.upstream = None;
@@ -179,7 +182,8 @@ impl HttpBody for MeteredStream {
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
                         tracing::warn!("upstream stream idle too long; ending it");
-                        return this.abort("upstream_idle", "upstream stream idle timeout".into());
+                        this.abort("upstream_idle", "upstream stream idle timeout".into());
+                        continue;
                     }
                     return Poll::Pending;
                 }
@@ -188,7 +192,7 @@ impl HttpBody for MeteredStream {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.upstream.is_none() && self.out.is_empty()
+        self.upstream.is_none() && self.out.is_empty() && self.failure.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
