@@ -1,0 +1,169 @@
+//! Slow and hostile clients cannot hold kedge's resources: a raw TCP client
+//! that dribbles its headers, one that connects and says nothing, one that
+//! stalls its body; and a stalled upstream stream is ended.
+
+mod support;
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use support::{
+    Kedge, free_port,
+    openai::{FakeOpenAi, HttpClient, next_data},
+};
+
+fn start(up: &FakeOpenAi) -> (Kedge, SocketAddr) {
+    let port = free_port("127.0.0.1");
+    let config = format!(
+        r#"
+[listen]
+addr = "127.0.0.1:{port}"
+[kernel]
+attach = "off"
+pin_root = "{{pin_root}}"
+[limits]
+header_read_timeout_ms = 500
+body_read_timeout_ms = 500
+idle_timeout_ms = 700
+[[class]]
+name = "standard"
+priority = 2
+[[backend]]
+name = "fake"
+url = "http://{up}"
+stream_idle_timeout_ms = 500
+[[route]]
+model = "hold"
+backend = "fake"
+[[route]]
+model = "gpt-test"
+backend = "fake"
+upstream_model = "normal"
+[metrics]
+addr = "{{admin}}"
+"#,
+        up = up.addr
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    (Kedge::start(&config), addr)
+}
+
+/// Whether the peer has closed the connection (EOF or reset), waiting up to `wait`.
+fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            // An error response before the close is fine; keep reading.
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn a_client_dribbling_its_headers_is_cut_off() {
+    let up = FakeOpenAi::start();
+    let (_kedge, addr) = start(&up);
+    let mut s = TcpStream::connect(addr).unwrap();
+    let started = Instant::now();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: kedge\r\n")
+        .unwrap();
+    let mut closed = false;
+    // Keep sending a header line every 100 ms for up to 5 s: bytes keep
+    // moving, so only the header deadline can end this.
+    while started.elapsed() < Duration::from_secs(5) {
+        if s.write_all(b"x-slow: 1\r\n").is_err()
+            || closed_within(&mut s, Duration::from_millis(100))
+        {
+            closed = true;
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(closed, "kedge still held the connection after {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(400) && elapsed < Duration::from_secs(3),
+        "closed after {elapsed:?}; header_read_timeout_ms = 500"
+    );
+    assert!(up.seen().is_empty());
+}
+
+#[test]
+fn a_silent_connection_is_closed_when_idle() {
+    let up = FakeOpenAi::start();
+    let (_kedge, addr) = start(&up);
+    let mut s = TcpStream::connect(addr).unwrap();
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5)),
+        "a connection that sends nothing must not be held"
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(400),
+        "closed after {elapsed:?}"
+    );
+}
+
+#[test]
+fn a_stalled_body_gets_408_and_kedge_keeps_serving() {
+    let up = FakeOpenAi::start();
+    let (_kedge, addr) = start(&up);
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: kedge\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
+
+    // Meanwhile and afterwards, well-behaved clients are served.
+    let c = HttpClient::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = rt.block_on(c.call(
+        "POST",
+        &format!("http://{addr}/v1/chat/completions"),
+        &[],
+        r#"{"model":"gpt-test","messages":[{"role":"user","content":"hi"}]}"#,
+    ));
+    assert_eq!(a.status, 200, "{}", a.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_stream_is_ended() {
+    let up = FakeOpenAi::start();
+    let (_kedge, addr) = start(&up);
+    let c = HttpClient::default();
+    let resp = c
+        .send(
+            "POST",
+            &format!("http://{addr}/v1/chat/completions"),
+            &[],
+            r#"{"model":"hold","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = next_data(&mut body, Duration::from_secs(5)).await.unwrap();
+    assert!(first.is_ok());
+    // The upstream never sends its second event (never released):
+    // stream_idle_timeout_ms = 500 ends the stream with an error.
+    let started = Instant::now();
+    let end = next_data(&mut body, Duration::from_secs(5)).await;
+    assert!(matches!(end, Some(Err(_))), "{end:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
