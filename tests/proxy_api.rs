@@ -389,6 +389,11 @@ async fn endpoints_route_rename_and_count_reported_usage() {
 
     let seen = up.seen();
     assert_eq!(seen.len(), 3);
+    assert_eq!(
+        up.connections(),
+        1,
+        "one pooled upstream connection for three requests"
+    );
     let paths: Vec<_> = seen.iter().map(|s| s.path.as_str()).collect();
     assert_eq!(
         paths,

@@ -332,6 +332,13 @@ impl Kedge {
         c.wait().unwrap()
     }
 
+    /// Sends `signal` (e.g. SIGHUP) to the running daemon.
+    pub fn signal(&self, signal: i32) {
+        let c = self.child.as_ref().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, signal) };
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -59,6 +59,7 @@ pub struct DripEnd {
 
 #[derive(Default)]
 struct State {
+    connections: std::sync::atomic::AtomicUsize,
     seen: Mutex<Vec<Seen>>,
     drips: Mutex<Vec<DripEnd>>,
     gate: (Mutex<bool>, Condvar),
@@ -81,10 +82,19 @@ impl FakeOpenAi {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let s = s.clone();
+                s.connections
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 std::thread::spawn(move || serve(stream, &s));
             }
         });
         FakeOpenAi { addr, state }
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn seen(&self) -> Vec<Seen> {

@@ -115,7 +115,7 @@ impl Backend {
                 ),
             )),
             Ok(Err(e)) if e.is_connect() => {
-                tracing::warn!(backend = %self.name, error = %e, "upstream connect failed");
+                tracing::warn!(backend = %self.name, error = %chain(&e), "upstream connect failed");
                 Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream_error",
@@ -124,7 +124,7 @@ impl Backend {
                 ))
             }
             Ok(Err(e)) => {
-                tracing::warn!(backend = %self.name, error = %e, "upstream request failed");
+                tracing::warn!(backend = %self.name, error = %chain(&e), "upstream request failed");
                 Err(bad_gateway(&self.name, "did not return a valid response"))
             }
             Ok(Ok(resp)) => Ok(resp),
@@ -145,6 +145,18 @@ impl Backend {
             .path_and_query(format!("{prefix}{path_and_query}"))
             .build()
     }
+}
+
+/// An error and its causes, `: `-joined (hyper's own message is terse).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 pub fn bad_gateway(backend: &str, what: &str) -> ApiError {
