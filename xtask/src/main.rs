@@ -107,6 +107,10 @@ fn debian_toolchain_linked() -> bool {
     succeeds(Command::new("rustup").args(["run", DEBIAN_TOOLCHAIN, "rustc", "--version"]))
 }
 
+fn python_has_openai() -> bool {
+    succeeds(Command::new("python3").args(["-c", "import openai"]))
+}
+
 fn bpf_linker_ok() -> bool {
     output(Command::new("bpf-linker").arg("--version")).contains(BPF_LINKER_VERSION)
 }
@@ -157,6 +161,22 @@ fn setup() -> Result<()> {
         )
         .context("building bpf-linker")?;
         did.push(format!("installed bpf-linker {BPF_LINKER_VERSION}"));
+    }
+
+    if !python_has_openai() {
+        println!(
+            "setup: installing the Python `openai` package (the SDK test drives kedge with it)"
+        );
+        status(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "openai",
+        ]))
+        .context("pip install openai")?;
+        did.push("installed the Python openai package".to_string());
     }
 
     if nightly {
