@@ -19,6 +19,8 @@ enum Command {
     },
     /// Validate a config file and say what is wrong, with file and line.
     CheckConfig { file: PathBuf },
+    /// Print the SHA-256 of an API key read from stdin, for `[[api_key]] sha256`.
+    HashKey,
     /// Remove every pinned map and link (the kernel edge stops enforcing).
     Detach {
         #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
@@ -62,6 +64,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.raw.backends.len(),
                 cfg.attach().as_str()
             );
+            Ok(())
+        }
+        Command::HashKey => {
+            // From stdin, so the key stays out of shell history and `ps`.
+            let mut key = String::new();
+            std::io::stdin().read_line(&mut key)?;
+            let key = key.trim_end_matches(['\n', '\r']);
+            anyhow::ensure!(!key.is_empty(), "no key on stdin");
+            println!("{}", kedge::classify::sha256_hex(key.as_bytes()));
             Ok(())
         }
         Command::Detach { config, pin_root } => {

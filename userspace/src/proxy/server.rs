@@ -205,13 +205,13 @@ impl Proxy {
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read)
             .max_buf_size(64 * 1024);
+        // No HTTP/2 keep-alive pings: answered pings would count as activity
+        // and keep an idle connection open forever; the idle watchdog decides.
         builder
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(256)
-            .max_header_list_size(64 * 1024)
-            .keep_alive_interval(limits.idle / 2)
-            .keep_alive_timeout(limits.header_read);
+            .max_header_list_size(64 * 1024);
         let builder = Arc::new(builder);
         let graceful = GracefulShutdown::new();
         loop {
