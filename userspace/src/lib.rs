@@ -7,6 +7,8 @@
 pub mod cidr;
 pub mod config;
 pub mod daemon;
+pub mod gpu;
 pub mod kernel;
 pub mod metrics;
 pub mod proxy;
+pub mod route;
