@@ -10,5 +10,6 @@ pub mod daemon;
 pub mod gpu;
 pub mod kernel;
 pub mod metrics;
+pub mod notify;
 pub mod proxy;
 pub mod route;
