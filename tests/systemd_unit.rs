@@ -5,7 +5,11 @@ use std::process::Command;
 
 #[test]
 fn unit_file_verifies() {
-    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("skipped: systemd-analyze is not installed");
         return;
     }
@@ -18,10 +22,17 @@ fn unit_file_verifies() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("kedge.service");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
     // verify exits 0 on some warnings; none may mention our unit.
     assert!(!stderr.contains("kedge.service:"), "{stderr}");
 }

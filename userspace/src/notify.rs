@@ -14,7 +14,10 @@ pub fn notify(state: &str) {
 
 /// `RELOADING=1` must carry the monotonic time (systemd ≥ 253 checks it).
 pub fn reloading() {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000;
@@ -51,7 +54,8 @@ mod tests {
 
         let name = format!("kedge-notify-test-{}", std::process::id());
         use std::os::linux::net::SocketAddrExt;
-        let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+            .unwrap();
         notify_to(&format!("@{name}"), "STOPPING=1").unwrap();
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"STOPPING=1");

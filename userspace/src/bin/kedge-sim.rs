@@ -72,8 +72,26 @@ struct Sim {
 type Body = BoxBody<Bytes, Infallible>;
 
 const WORDS: &[&str] = &[
-    "the", "model", "answers", "with", "simulated", "tokens", "that", "stream", "back", "to",
-    "you", "while", "kedge", "keeps", "the", "gpu", "busy", "but", "never", "melting",
+    "the",
+    "model",
+    "answers",
+    "with",
+    "simulated",
+    "tokens",
+    "that",
+    "stream",
+    "back",
+    "to",
+    "you",
+    "while",
+    "kedge",
+    "keeps",
+    "the",
+    "gpu",
+    "busy",
+    "but",
+    "never",
+    "melting",
 ];
 const GPU_MEMORY_BYTES: u64 = 80 << 30;
 
@@ -81,7 +99,11 @@ const GPU_MEMORY_BYTES: u64 = 80 << 30;
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
     let listener = TcpListener::bind(args.listen).await?;
-    eprintln!("kedge-sim listening on {} with {} slots", listener.local_addr()?, args.slots);
+    eprintln!(
+        "kedge-sim listening on {} with {} slots",
+        listener.local_addr()?,
+        args.slots
+    );
     let sim = Arc::new(Sim {
         slots: Arc::new(Semaphore::new(args.slots.max(1))),
         args,
@@ -128,9 +150,16 @@ impl Sim {
                 let Ok(body) = serde_json::from_slice::<Value>(&body) else {
                     return error(StatusCode::BAD_REQUEST, "body is not JSON");
                 };
-                let model = body.get("model").and_then(Value::as_str).unwrap_or("").to_string();
+                let model = body
+                    .get("model")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
                 if !self.args.model.is_empty() && !self.args.model.contains(&model) {
-                    return error(StatusCode::NOT_FOUND, &format!("model `{model}` not served"));
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        &format!("model `{model}` not served"),
+                    );
                 }
                 self.complete(&path, model, body).await
             }
@@ -151,7 +180,12 @@ impl Sim {
         };
         self.waiting.fetch_add(1, Ordering::SeqCst);
         self.publish_gpu_state();
-        let permit = self.slots.clone().acquire_owned().await.expect("semaphore never closed");
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         self.running.fetch_add(1, Ordering::SeqCst);
         self.publish_gpu_state();
@@ -164,7 +198,9 @@ impl Sim {
         tokio::time::sleep(prefill).await;
 
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let usage = json!({
             "prompt_tokens": prompt_tokens,
             "completion_tokens": output_tokens,
@@ -203,7 +239,11 @@ impl Sim {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
         tokio::spawn(async move {
             let _guard = guard;
-            let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+            let object = if chat {
+                "chat.completion.chunk"
+            } else {
+                "text_completion"
+            };
             let chunk = |delta: Value, finish: Value| {
                 let choice = if chat {
                     json!({"index": 0, "delta": delta, "finish_reason": finish})
@@ -212,20 +252,32 @@ impl Sim {
                 };
                 json!({"id": format!("sim-{id}"), "object": object, "created": created, "model": model, "choices": [choice]})
             };
-            let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+            let mut events = vec![chunk(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+            )];
             for i in 0..output_tokens {
-                events.push(chunk(json!({"content": format!("{} ", WORDS[i as usize % WORDS.len()])}), Value::Null));
+                events.push(chunk(
+                    json!({"content": format!("{} ", WORDS[i as usize % WORDS.len()])}),
+                    Value::Null,
+                ));
             }
             events.push(chunk(json!({}), json!("length")));
             if include_usage {
-                events.push(json!({"id": format!("sim-{id}"), "object": object, "created": created,
-                                   "model": model, "choices": [], "usage": usage}));
+                events.push(
+                    json!({"id": format!("sim-{id}"), "object": object, "created": created,
+                                   "model": model, "choices": [], "usage": usage}),
+                );
             }
             for (i, event) in events.into_iter().enumerate() {
                 if i > 0 && i <= output_tokens as usize {
                     tokio::time::sleep(decode).await;
                 }
-                if tx.send(Bytes::from(format!("data: {event}\n\n"))).await.is_err() {
+                if tx
+                    .send(Bytes::from(format!("data: {event}\n\n")))
+                    .await
+                    .is_err()
+                {
                     return; // client went away: stop decoding, free the slot
                 }
             }
@@ -312,7 +364,10 @@ fn prompt_tokens(body: &Value) -> u64 {
 }
 
 fn words(n: u64) -> String {
-    (0..n).map(|i| WORDS[i as usize % WORDS.len()]).collect::<Vec<_>>().join(" ")
+    (0..n)
+        .map(|i| WORDS[i as usize % WORDS.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn json_response(status: StatusCode, v: Value) -> Response<Body> {
