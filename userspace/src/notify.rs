@@ -5,10 +5,10 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 
 /// Sends `state` (e.g. `"READY=1"`) to systemd, if systemd is listening.
 pub fn notify(state: &str) {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        if let Err(e) = notify_to(&path.to_string_lossy(), state) {
-            tracing::warn!(error = %e, "sd_notify failed");
-        }
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET")
+        && let Err(e) = notify_to(&path.to_string_lossy(), state)
+    {
+        tracing::warn!(error = %e, "sd_notify failed");
     }
 }
 
