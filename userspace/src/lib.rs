@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod route;
+pub mod status;

@@ -19,6 +19,19 @@ enum Command {
     },
     /// Validate a config file and say what is wrong, with file and line.
     CheckConfig { file: PathBuf },
+    /// Show the kernel edge and the daemon at a glance (from the pinned maps).
+    Status {
+        #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain each pinned map and the bpftool command that dumps it.
+    Maps {
+        #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
+        config: PathBuf,
+    },
     /// Remove every pinned map and link (the kernel edge stops enforcing).
     Detach {
         #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
@@ -62,6 +75,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.raw.backends.len(),
                 cfg.attach().as_str()
             );
+            Ok(())
+        }
+        Command::Status { config, json } => {
+            let cfg = kedge::config::load(&config)?;
+            let snap = kedge::status::snapshot(&cfg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snap)?);
+            } else {
+                print!("{}", kedge::status::render(&snap));
+            }
+            Ok(())
+        }
+        Command::Maps { config } => {
+            let root = kedge::config::load(&config)
+                .map(|c| c.raw.kernel.pin_root)
+                .unwrap_or_else(|_| PathBuf::from("/sys/fs/bpf/kedge"));
+            print!("{}", kedge::status::render_maps(&root));
             Ok(())
         }
         Command::Detach { config, pin_root } => {
