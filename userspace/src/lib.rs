@@ -10,3 +10,4 @@ pub mod daemon;
 pub mod kernel;
 pub mod metrics;
 pub mod proxy;
+pub mod schedule;
