@@ -37,7 +37,9 @@
 //!   borrowed slots finish).
 //! - Within a class: FIFO per tenant, tenants served fairly by token cost.
 //! - Aging (strict, at_least): one priority level per `aging.step_ms` of
-//!   waiting, at most `aging.max_boost` levels; ties go to the earlier arrival.
+//!   waiting, at most `aging.max_boost` levels and never above the top
+//!   priority; ties go to the earlier arrival, so a low-class job that has
+//!   aged up to the top level is served before younger top-class jobs.
 //! - Windows: a class's weight, share and limits follow the first matching
 //!   `[[schedule.class.window]]` in `timezone` (minute resolution).
 //! - Rejections: **429** when the request's own class queue is at its

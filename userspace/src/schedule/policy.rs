@@ -33,13 +33,22 @@ pub(super) struct Context<'a> {
 
 impl Context<'_> {
     /// Priority after aging: lower goes first; one level per `aging_step`
-    /// waited, at most `max_boost` levels. Ties go to the earlier arrival.
+    /// waited, at most `max_boost` levels, never past the top priority (or
+    /// aged top-class jobs would just outrun aged low ones). Ties go to the
+    /// earlier arrival, which is how an aged job overtakes younger ones.
     fn rank(&self, head: &Head) -> (i64, JobId) {
         let waited = self.now.saturating_duration_since(head.arrived);
         let steps = waited.as_nanos() / self.plan.aging_step.as_nanos().max(1);
         let boost = steps.min(self.plan.max_boost as u128) as i64;
         let priority = self.plan.classes[head.class as usize].priority as i64;
-        (priority - boost, head.id)
+        let top = self
+            .plan
+            .classes
+            .iter()
+            .map(|c| c.priority)
+            .min()
+            .unwrap_or(0) as i64;
+        ((priority - boost).max(top), head.id)
     }
 
     fn quantum(&self, class: u32) -> u64 {

@@ -118,7 +118,6 @@ impl Scheduler {
             arrived: now.at,
         });
         self.queued += 1;
-        self.classes[class].stats.queued += 1;
         self.policy.backlogged(job.class);
         started.extend(self.dispatch(now));
         Ok(Ticket {
@@ -170,7 +169,15 @@ impl Scheduler {
         Stats {
             capacity: self.backend.max_in_flight,
             in_flight: self.in_flight,
-            classes: self.classes.iter().map(|c| c.stats.clone()).collect(),
+            classes: self
+                .classes
+                .iter()
+                .map(|c| ClassStats {
+                    queued: c.queue.len(),
+                    in_flight: c.in_flight,
+                    ..c.stats.clone()
+                })
+                .collect(),
         }
     }
 
@@ -263,7 +270,6 @@ impl Scheduler {
         class.queue.pop(head.tenant);
         class.in_flight += 1;
         class.drain.departed(now.at);
-        class.stats.queued -= 1;
         class.stats.admitted += 1;
         class
             .stats
@@ -284,7 +290,6 @@ impl Scheduler {
     fn unqueue(&mut self, id: JobId, job: &Job) {
         let class = &mut self.classes[job.class as usize];
         if class.queue.remove(id, job.tenant).is_some() {
-            class.stats.queued -= 1;
             self.queued -= 1;
             if class.queue.len() == 0 {
                 self.policy.idle(job.class);
@@ -304,7 +309,9 @@ impl Scheduler {
         }
         .or_else(|| self.drain.time_to_drain(self.queued + 1, now.at))
         .unwrap_or(self.limits[class as usize].max_wait);
-        let secs = estimate.as_secs_f64().ceil() as u64;
+        // Whole seconds, rounded up from whole milliseconds so float noise in
+        // the mean cannot add a second.
+        let secs = (estimate.as_millis() as u64).div_ceil(1000);
         let retry_after = Duration::from_secs(secs).clamp(Duration::from_secs(1), MAX_RETRY_AFTER);
         Rejection {
             class,
@@ -313,3 +320,7 @@ impl Scheduler {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;
