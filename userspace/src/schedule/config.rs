@@ -563,9 +563,12 @@ impl Plan {
 
     /// at_least guaranteed shares (fractions of capacity) for `limits`:
     /// explicit `min_share`s as given, the rest of the capacity split among
-    /// the other classes geometrically by priority (`decay^rank`).
+    /// the other classes geometrically by priority (`decay^rank`). Windows
+    /// can make explicit shares overlap past 1; they are then scaled down
+    /// proportionally rather than promising more than the backend has.
     pub fn shares(&self, limits: &[Limits]) -> Vec<f64> {
         let explicit: f64 = limits.iter().filter_map(|l| l.min_share).sum();
+        let scale = if explicit > 1.0 { 1.0 / explicit } else { 1.0 };
         let rest = (1.0 - explicit).max(0.0);
         let mut implicit: Vec<usize> = (0..limits.len())
             .filter(|&i| limits[i].min_share.is_none())
@@ -575,7 +578,10 @@ impl Plan {
             .map(|rank| self.decay.powi(rank as i32))
             .collect();
         let total: f64 = parts.iter().sum();
-        let mut shares: Vec<f64> = limits.iter().map(|l| l.min_share.unwrap_or(0.0)).collect();
+        let mut shares: Vec<f64> = limits
+            .iter()
+            .map(|l| l.min_share.unwrap_or(0.0) * scale)
+            .collect();
         for (i, part) in implicit.into_iter().zip(parts) {
             shares[i] = rest * part / total;
         }
@@ -646,6 +652,45 @@ mod tests {
         assert_eq!(plan.tenant_cap(8), Some(4));
     }
 
+    /// The example in the module docs is what an operator copies: it must
+    /// parse (under `[schedule]`, as the integrator embeds it) and resolve.
+    #[test]
+    fn documented_example_is_valid() {
+        #[derive(Deserialize)]
+        struct Embedded {
+            schedule: ScheduleConfig,
+        }
+        let docs = include_str!("mod.rs");
+        let block = docs
+            .split("```toml\n")
+            .nth(1)
+            .unwrap()
+            .split("//! ```")
+            .next()
+            .unwrap();
+        let text: String = block
+            .lines()
+            .map(|l| {
+                l.strip_prefix("//! ")
+                    .or(l.strip_prefix("//!"))
+                    .unwrap_or(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg: Embedded = toml::from_str(&text).unwrap();
+        let tenants = HashMap::from([("acme".to_string(), 7)]);
+        let classes = [ClassRef {
+            name: "batch",
+            priority: 3,
+        }];
+        let plan = cfg
+            .schedule
+            .resolve(&classes, &["local"], &tenants)
+            .unwrap();
+        assert_eq!(plan.backend("local").max_in_flight, 8);
+        assert_eq!(plan.classes[0].windows.len(), 1);
+    }
+
     #[test]
     fn rejects_unknown_keys() {
         let err = toml::from_str::<ScheduleConfig>("polcy = \"wfq\"").unwrap_err();
@@ -709,7 +754,12 @@ mod tests {
         assert!((shares[1] - 1.0 / 3.0).abs() < 1e-9, "{shares:?}");
 
         let plan = resolve("[[class]]\nname = \"batch\"\nmin_share = 0.4").unwrap();
-        let shares = plan.shares(&plan.limits_at(now));
+        let mut limits = plan.limits_at(now);
+        let shares = plan.shares(&limits);
         assert!((shares[1] - 0.4).abs() < 1e-9 && (shares[0] - 0.6).abs() < 1e-9);
+        // Overlapping window shares are scaled to fit the backend.
+        limits[0].min_share = Some(0.8);
+        let shares = plan.shares(&limits);
+        assert!((shares[0] - 2.0 / 3.0).abs() < 1e-9 && (shares[1] - 1.0 / 3.0).abs() < 1e-9);
     }
 }

@@ -18,10 +18,47 @@
 //!    [`Rejection::status`] and `Retry-After: {retry_after_secs()}`.
 //! 5. `/metrics`: [`Gate::stats`] (queue depth, in flight, admissions,
 //!    rejections by [`RejectReason`], wait histogram over [`WAIT_BUCKETS`]).
-//! 6. Kernel feedback: every ~250 ms feed [`Gate::fullness`] (the worst
-//!    backend per class when there are several) to an
-//!    [`AdmissionController`] and write the changed `(class, permille)`
-//!    pairs into the `ADMISSION` map.
+//! 6. Kernel feedback: `AdmissionController::new(plan.feedback.clone(),
+//!    plan.classes.len())`; every ~250 ms feed it [`Gate::fullness`] (the
+//!    worst backend per class when there are several) and write the changed
+//!    `(class, permille)` pairs into the `ADMISSION` map.
+//!
+//! # Config
+//!
+//! ```toml
+//! [schedule]
+//! policy = "drr"                 # strict | wfq | drr | at_least
+//! timezone = "Europe/Berlin"     # for windows
+//! quantum = 4096                 # drr: tokens per round per unit of weight
+//! decay = 0.5                    # at_least: geometric split of unclaimed shares
+//! max_in_flight = 16             # per backend, unless [[schedule.backend]] says
+//! max_queue = 1024               # waiting requests per backend, all classes
+//! tenant_max_in_flight = 4       # optional; [[schedule.tenant]] overrides
+//! aging = { step_ms = 2000, max_boost = 2 }
+//! feedback = { high = 0.9, low = 0.5, hold_full_ms = 2000, hold_drained_ms = 5000 }
+//!
+//! [[schedule.class]]
+//! name = "batch"                 # a [[class]] name
+//! weight = 1
+//! min_share = 0.1
+//! max_queue = 256
+//! max_wait_ms = 30000
+//! max_in_flight = 4
+//! [[schedule.class.window]]      # nights on weekdays: batch gets more
+//! days = ["mon", "tue", "wed", "thu", "fri"]
+//! start = "22:00"
+//! end = "06:00"
+//! weight = 4
+//! min_share = 0.5
+//!
+//! [[schedule.backend]]
+//! name = "local"                 # a [[backend]] name
+//! max_in_flight = 8
+//!
+//! [[schedule.tenant]]
+//! name = "acme"                  # a tenant from [[network]]
+//! max_in_flight = 2
+//! ```
 //!
 //! # Decisions
 //!
@@ -41,7 +78,9 @@
 //!   priority; ties go to the earlier arrival, so a low-class job that has
 //!   aged up to the top level is served before younger top-class jobs.
 //! - Windows: a class's weight, share and limits follow the first matching
-//!   `[[schedule.class.window]]` in `timezone` (minute resolution).
+//!   `[[schedule.class.window]]` in `timezone`, re-read on the first call of
+//!   each new local minute (a busy backend has calls every few ms).
+//! - `max_queue = 0` for a class means no waiting: start now or 429.
 //! - Rejections: **429** when the request's own class queue is at its
 //!   `max_queue` (that class is sending more than it drains: slow down);
 //!   **503** when the backend as a whole is saturated (all classes together at

@@ -480,3 +480,14 @@ fn a_cancelled_job_leaves_the_queue_and_a_removed_running_job_frees_its_slot() {
     // Unknown ids are harmless.
     assert!(sim.s.remove(b, sim.now).is_empty());
 }
+
+#[test]
+fn a_class_without_a_queue_starts_at_once_or_is_refused() {
+    let cfg = "max_in_flight = 1\n[[class]]\nname = \"chat\"\nmax_queue = 0";
+    let mut sim = Sim::new(cfg, &[("chat", 0)]);
+    let first = sim.submit(0, 1, 100).unwrap();
+    assert_eq!(sim.started, vec![first]);
+    let refused = sim.submit(0, 1, 100).unwrap_err();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(sim.s.fullness(), vec![0.0]);
+}
