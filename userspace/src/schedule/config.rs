@@ -16,6 +16,7 @@ use super::{feedback::FeedbackConfig, window::WindowPlan};
 pub const DEFAULT_MAX_QUEUE: u32 = 256;
 pub const DEFAULT_MAX_WAIT_MS: u64 = 30_000;
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 16;
+pub const MAX_WAIT_MS: u64 = 3_600_000;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -266,6 +267,9 @@ impl ScheduleConfig {
         backend_names: &[&str],
         tenant_ids: &HashMap<String, u32>,
     ) -> Result<Plan, ScheduleError> {
+        if classes.is_empty() {
+            return error(0..0, "scheduling needs at least one [[class]]".into(), None);
+        }
         let timezone = match TimeZone::get(self.timezone.get_ref()) {
             Ok(tz) => tz,
             Err(e) => {
@@ -471,6 +475,13 @@ fn apply(limits: &mut Limits, o: &Overrides<'_>) -> Result<(), ScheduleError> {
         limits.max_queue = q;
     }
     if let Some(w) = o.max_wait_ms {
+        if *w.get_ref() > MAX_WAIT_MS {
+            return error(
+                w.span(),
+                format!("max_wait_ms is at most {MAX_WAIT_MS} (one hour)"),
+                Some("a client waiting longer has long given up; lower it"),
+            );
+        }
         limits.max_wait = Duration::from_millis(*w.get_ref());
     }
     if let Some(c) = o.max_in_flight {
@@ -737,6 +748,10 @@ mod tests {
                 "unknown tenant",
             ),
             ("[aging]\nstep_ms = 0", "step_ms must be at least 1"),
+            (
+                "[[class]]\nname = \"batch\"\nmax_wait_ms = 3600001",
+                "at most 3600000",
+            ),
         ] {
             let err = resolve(text).unwrap_err();
             assert!(err.message.contains(what), "{text}: {err:?}");

@@ -52,7 +52,7 @@ impl Context<'_> {
     }
 
     fn quantum(&self, class: u32) -> u64 {
-        self.plan.quantum * self.limits[class as usize].weight as u64
+        (self.limits[class as usize].weight as u64).saturating_mul(self.plan.quantum)
     }
 }
 

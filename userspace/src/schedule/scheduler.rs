@@ -1,9 +1,13 @@
 //! The pure scheduler of one backend: capacity, queues, limits, rejections.
 //! No I/O and no clock of its own: every call takes `now`.
 //!
-//! Invariant after every public call: either the backend is full or no
-//! waiting job may start (class and tenant caps), so every call returns the
-//! jobs it started and the caller wakes exactly those.
+//! Invariant after every call that returns started jobs (an admitted
+//! `submit`, `remove`): either the backend is full or no waiting job may
+//! start (class and tenant caps), and the caller wakes exactly the jobs
+//! returned. A new time window that loosens a class cap takes effect at the
+//! next such call (the next arrival or finish), never later than one job's
+//! run time on a busy backend. A rejection starts nothing, so it has nothing
+//! to report.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -89,7 +93,6 @@ impl Scheduler {
     /// configured ones fall into the last class, like the kernel's default.
     pub fn submit(&mut self, mut job: Job, now: Now) -> Result<Ticket, Rejection> {
         self.refresh(now);
-        let mut started = self.dispatch(now);
         job.class = job.class.min(self.classes.len() as u32 - 1);
         let class = job.class as usize;
         if !self.may_start(job.class, job.tenant) {
@@ -119,7 +122,7 @@ impl Scheduler {
         });
         self.queued += 1;
         self.policy.backlogged(job.class);
-        started.extend(self.dispatch(now));
+        let started = self.dispatch(now);
         Ok(Ticket {
             id,
             class: job.class,
