@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod route;
+pub mod schedule;
 pub mod status;
