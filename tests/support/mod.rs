@@ -387,3 +387,24 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     Some(out)
 }
+
+/// Builds the fake `libnvidia-ml.so.1` (tests/fake_nvml) into `dir`, reading its
+/// numbers from `state`. Returns the library path, or None when no C compiler.
+pub fn build_fake_nvml(dir: &std::path::Path, state: &std::path::Path) -> Option<PathBuf> {
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fake_nvml/fake_nvml.c");
+    let lib = dir.join("libnvidia-ml.so.1");
+    let define = format!("-DFAKE_NVML_STATE=\"{}\"", state.display());
+    let out = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", &define, "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .ok()?;
+    assert!(
+        out.status.success(),
+        "building fake NVML: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(lib)
+}

@@ -21,6 +21,19 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Print the SHA-256 of an API key read from stdin, for `[[api_key]] sha256`.
     HashKey,
+    /// Show the kernel edge and the daemon at a glance (from the pinned maps).
+    Status {
+        #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain each pinned map and the bpftool command that dumps it.
+    Maps {
+        #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
+        config: PathBuf,
+    },
     /// Remove every pinned map and link (the kernel edge stops enforcing).
     Detach {
         #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
@@ -73,6 +86,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let key = key.trim_end_matches(['\n', '\r']);
             anyhow::ensure!(!key.is_empty(), "no key on stdin");
             println!("{}", kedge::classify::sha256_hex(key.as_bytes()));
+            Ok(())
+        }
+        Command::Status { config, json } => {
+            let cfg = kedge::config::load(&config)?;
+            let snap = kedge::status::snapshot(&cfg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snap)?);
+            } else {
+                print!("{}", kedge::status::render(&snap));
+            }
+            Ok(())
+        }
+        Command::Maps { config } => {
+            let root = kedge::config::load(&config)
+                .map(|c| c.raw.kernel.pin_root)
+                .unwrap_or_else(|_| PathBuf::from("/sys/fs/bpf/kedge"));
+            print!("{}", kedge::status::render_maps(&root));
             Ok(())
         }
         Command::Detach { config, pin_root } => {

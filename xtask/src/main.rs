@@ -16,6 +16,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+mod bench_proxy;
+
 /// The recipe of shared/TOOLCHAIN.md: the versions that build together here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PACKAGE: &str = "llvm-22-dev";
@@ -41,8 +43,11 @@ fn main() -> ExitCode {
         Some("test") => check().and_then(|_| test(&args[1..])),
         Some("run") => check().and_then(|_| run(args.get(1).map(String::as_str))),
         Some("lint") => check().and_then(|_| lint()),
+        Some("bench") => check().and_then(|_| bench(&args[1..])),
         _ => {
-            eprintln!("usage: cargo xtask <setup|build|test|run [CONFIG]|lint>");
+            eprintln!(
+                "usage: cargo xtask <setup|build|test|run [CONFIG]|lint|bench proxy [SECONDS]>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -132,15 +137,7 @@ fn setup() -> Result<()> {
     let missing: Vec<&str> = packages.into_iter().filter(|p| !deb_installed(p)).collect();
     if !missing.is_empty() {
         println!("setup: installing Debian packages: {}", missing.join(" "));
-        status(Command::new("apt-get").args(["update", "-q"]))
-            .context("apt-get update (are you root?)")?;
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-        .context("installing Debian packages")?;
+        apt_install(&missing)?;
         did.push(format!("installed {}", missing.join(" ")));
     }
 
@@ -211,6 +208,65 @@ fn check() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `apt-get install` of packages not yet installed (after one `apt-get update`).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !deb_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    status(Command::new("apt-get").args(["update", "-q"]))
+        .context("apt-get update (are you root?)")?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing {}", missing.join(" ")))
+}
+
+/// Replaces the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in
+/// `path` (appending the section when it is not there yet).
+fn replace_section(path: &Path, name: &str, content: &str) -> Result<()> {
+    let (open, close) = (
+        format!("<!-- bench:{name} -->"),
+        format!("<!-- /bench:{name} -->"),
+    );
+    let text = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let section = format!("{open}\n{content}\n{close}");
+    let text = match (text.find(&open), text.find(&close)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{section}{}", &text[..a], &text[b + close.len()..])
+        }
+        _ => format!("{}\n{section}\n", text.trim_end()),
+    };
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("proxy") => {
+            let seconds = args
+                .get(1)
+                .map_or(Ok(5.0), |s| s.parse())
+                .context("SECONDS")?;
+            status(ebpf_toolchain_env(&mut cargo()).args([
+                "build",
+                "--release",
+                "-p",
+                "kedge",
+                "--bins",
+            ]))?;
+            bench_proxy::run(&root(), seconds)
+        }
+        _ => bail!("usage: cargo xtask bench proxy [SECONDS]"),
+    }
 }
 
 fn ebpf_toolchain_env(cmd: &mut Command) -> &mut Command {

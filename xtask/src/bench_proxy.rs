@@ -1,0 +1,269 @@
+//! `cargo xtask bench proxy`: the same load sent directly to a simulated
+//! upstream that answers instantly, through nginx as a plain reverse proxy, and
+//! through kedge — in one run, so the ratios compare like with like.
+//!
+//! Placement on the 2-core machine (`taskset`): the load generator on CPU 0,
+//! the proxy under test and the upstream on CPU 1. Results go to
+//! docs/benchmarks.md (table) and docs/bench-proxy.json (raw).
+
+use std::{
+    fmt::Write as _,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on 127.0.0.1:{port} after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn pinned(cpu: &str, program: &Path) -> Command {
+    let mut c = Command::new("taskset");
+    c.args(["-c", cpu]).arg(program);
+    c
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn ensure_nginx() -> Result<PathBuf> {
+    let nginx = PathBuf::from("/usr/sbin/nginx");
+    if !nginx.exists() {
+        println!("bench: installing nginx (Debian package) for the baseline");
+        crate::apt_install(&["nginx-light"]).or_else(|_| crate::apt_install(&["nginx"]))?;
+    }
+    Ok(nginx)
+}
+
+pub fn run(root: &Path, seconds: f64) -> Result<()> {
+    let bin = root.join("target/release");
+    let nginx = ensure_nginx()?;
+    let work = std::env::temp_dir().join(format!("kedge-bench-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+
+    let up_port = free_port();
+    let _upstream = Proc(
+        pinned("1", &bin.join("kedge-sim"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{up_port}"),
+                "--slots",
+                "1024",
+            ])
+            .args([
+                "--ttft-ms",
+                "0",
+                "--prefill-us-per-token",
+                "0",
+                "--decode-ms-per-token",
+                "0",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting kedge-sim")?,
+    );
+    wait_port(up_port)?;
+
+    let nginx_port = free_port();
+    let nginx_conf = work.join("nginx.conf");
+    std::fs::write(
+        &nginx_conf,
+        format!(
+            "daemon off; worker_processes 1; pid {pid}; error_log stderr error;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off;\n\
+               upstream up {{ server 127.0.0.1:{up_port}; keepalive 128; }}\n\
+               server {{ listen 127.0.0.1:{nginx_port};\n\
+                 location / {{ proxy_pass http://up; proxy_http_version 1.1;\n\
+                   proxy_set_header Connection \"\"; proxy_buffering off; }} }} }}\n",
+            pid = work.join("nginx.pid").display()
+        ),
+    )?;
+    let _nginx = Proc(
+        pinned("1", &nginx)
+            .args(["-c"])
+            .arg(&nginx_conf)
+            .args(["-p"])
+            .arg(&work)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx")?,
+    );
+    wait_port(nginx_port)?;
+
+    let kedge_port = free_port();
+    let admin_port = free_port();
+    let kedge_conf = work.join("kedge.toml");
+    std::fs::write(
+        &kedge_conf,
+        format!(
+            "[listen]\naddr = \"127.0.0.1:{kedge_port}\"\n[kernel]\nattach = \"off\"\n\
+             [[class]]\nname = \"standard\"\npriority = 2\n\
+             [[backend]]\nname = \"sim\"\nurl = \"http://127.0.0.1:{up_port}\"\n\
+             [metrics]\naddr = \"127.0.0.1:{admin_port}\"\n"
+        ),
+    )?;
+    let kedge = Proc(
+        pinned("1", &bin.join("kedge"))
+            .args(["run", "--config"])
+            .arg(&kedge_conf)
+            .env("KEDGE_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting kedge")?,
+    );
+    wait_port(kedge_port)?;
+    let kedge_idle_rss = rss_kib(kedge.0.id());
+
+    let targets = [
+        ("direct", up_port),
+        ("nginx", nginx_port),
+        ("kedge", kedge_port),
+    ];
+    let mut rows = Vec::new();
+    let mut kedge_peak_rss = kedge_idle_rss;
+    for stream in [false, true] {
+        for concurrency in [1usize, 16, 64] {
+            for (name, port) in targets {
+                let mut load = pinned("0", &bin.join("kedge-load"));
+                load.args([
+                    "--url",
+                    &format!("http://127.0.0.1:{port}/v1/chat/completions"),
+                ])
+                .args(["--concurrency", &concurrency.to_string()])
+                .args([
+                    "--duration-s",
+                    &seconds.to_string(),
+                    "--max-tokens",
+                    "16",
+                ]);
+                if stream {
+                    load.arg("--stream");
+                }
+                let out = load.output().context("running kedge-load")?;
+                let result: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+                    format!(
+                        "kedge-load output: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                })?;
+                if name == "kedge" {
+                    kedge_peak_rss = kedge_peak_rss.max(rss_kib(kedge.0.id()));
+                }
+                println!(
+                    "bench proxy: {:>6} stream={stream:<5} c={concurrency:<3} {:>8.0} req/s p50 {:>7.3} ms p99 {:>7.3} ms",
+                    name,
+                    result["throughput_rps"].as_f64().unwrap_or(0.0),
+                    result["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+                    result["latency_ms"]["p99"].as_f64().unwrap_or(0.0)
+                );
+                rows.push(json!({"target": name, "stream": stream, "concurrency": concurrency, "result": result}));
+            }
+        }
+    }
+    let report = summarise(&rows, kedge_idle_rss, kedge_peak_rss, seconds);
+    println!("{report}");
+    let docs = root.join("docs");
+    std::fs::write(
+        docs.join("bench-proxy.json"),
+        serde_json::to_string_pretty(
+            &json!({"rows": rows, "kedge_rss_kib": {"idle": kedge_idle_rss, "under_load": kedge_peak_rss}}),
+        )?,
+    )?;
+    crate::replace_section(&docs.join("benchmarks.md"), "proxy", &report)?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+fn summarise(rows: &[Value], idle_rss: u64, peak_rss: u64, seconds: f64) -> String {
+    let get = |target: &str, stream: bool, c: usize| {
+        rows.iter()
+            .find(|r| r["target"] == target && r["stream"] == stream && r["concurrency"] == c)
+            .map(|r| r["result"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## Proxy overhead (`cargo xtask bench proxy`)\n\n\
+         Simulated upstream answering instantly (`kedge-sim`, 16 output tokens), {seconds} s per cell, \
+         load generator `kedge-load` pinned to CPU 0, proxy and upstream on CPU 1. Added latency = \
+         proxied p50/p99 minus direct p50/p99 at the same concurrency.\n\n\
+         | stream | conc. | direct req/s | nginx req/s | kedge req/s | kedge/nginx throughput | nginx added p50/p99 ms | kedge added p50/p99 ms | kedge/nginx added p99 |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    for stream in [false, true] {
+        for c in [1usize, 16, 64] {
+            let (d, n, k) = (
+                get("direct", stream, c),
+                get("nginx", stream, c),
+                get("kedge", stream, c),
+            );
+            let rps = |v: &Value| v["throughput_rps"].as_f64().unwrap_or(0.0);
+            let lat = |v: &Value, p: &str| v["latency_ms"][p].as_f64().unwrap_or(0.0);
+            let added = |v: &Value, p: &str| (lat(v, p) - lat(&d, p)).max(0.0);
+            let _ = writeln!(
+                md,
+                "| {stream} | {c} | {:.0} | {:.0} | {:.0} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2} |",
+                rps(&d),
+                rps(&n),
+                rps(&k),
+                if rps(&n) > 0.0 {
+                    rps(&k) / rps(&n)
+                } else {
+                    0.0
+                },
+                added(&n, "p50"),
+                added(&n, "p99"),
+                added(&k, "p50"),
+                added(&k, "p99"),
+                if added(&n, "p99") > 0.0 {
+                    added(&k, "p99") / added(&n, "p99")
+                } else {
+                    0.0
+                },
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nkedge RSS: {idle_rss} KiB idle, {peak_rss} KiB peak under load."
+    );
+    md
+}
