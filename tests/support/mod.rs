@@ -3,6 +3,8 @@
 //! Every piece cleans up in `Drop`, so a failing assertion leaves nothing behind.
 #![allow(dead_code)]
 
+pub mod packet;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
