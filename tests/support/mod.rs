@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod openai;
+pub mod packet;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},

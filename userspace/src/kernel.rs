@@ -23,8 +23,9 @@ use aya::{
     },
 };
 use kedge_common::{
-    ADMIT_ALL, Admission, CLASS_DENY, COUNTER_SLOTS, ClassPolicy, MAPS_ABI_VERSION, MAX_CLASSES,
-    MAX_PORTS, NetEntry, SETTINGS_ENABLED, SETTINGS_MARK, Settings, TenantState,
+    ADMIT_ALL, Admission, CLASS_DENY, COUNTER_SLOTS, ClassPolicy, GpuLoad, MAPS_ABI_VERSION,
+    MAX_CLASSES, MAX_GPUS, MAX_PORTS, NetEntry, SETTINGS_ENABLED, SETTINGS_MARK, Settings,
+    TenantState,
 };
 
 use crate::config::{AttachMode, Loaded};
@@ -51,18 +52,35 @@ pub fn pin_dir(pin_root: &Path) -> PathBuf {
     pin_root.join(format!("v{MAPS_ABI_VERSION}"))
 }
 
-/// Handles on the pinned maps the daemon writes and reads.
+/// Loads the embedded object with fresh, unpinned maps and nothing attached:
+/// for BPF_PROG_TEST_RUN fixtures and the benchmark. Configure `loader` first
+/// (e.g. `map_max_entries`); take the maps with [`EdgeMaps::take`].
+pub fn load_unpinned(loader: &mut EbpfLoader<'_>) -> Result<Ebpf> {
+    loader
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object (is this kernel built with BPF and BTF?)")
+}
+
+/// The attached kernel edge: its maps (see [`EdgeMaps`], reachable through
+/// `Deref`) plus the attachment that keeps the program running.
 pub struct KernelEdge {
     pub dir: PathBuf,
-    settings: Array<MapData, Settings>,
-    nets_v4: LpmTrie<MapData, [u8; 4], NetEntry>,
-    nets_v6: LpmTrie<MapData, [u8; 16], NetEntry>,
-    classes: Array<MapData, ClassPolicy>,
-    admission: Array<MapData, Admission>,
-    tenants: HashMap<MapData, u32, TenantState>,
-    counters: PerCpuArray<MapData, u64>,
+    maps: EdgeMaps,
     /// Keeps our reference to the attach link; the pin keeps it past our exit.
     _link: FdLink,
+}
+
+impl std::ops::Deref for KernelEdge {
+    type Target = EdgeMaps;
+    fn deref(&self) -> &EdgeMaps {
+        &self.maps
+    }
+}
+
+impl std::ops::DerefMut for KernelEdge {
+    fn deref_mut(&mut self) -> &mut EdgeMaps {
+        &mut self.maps
+    }
 }
 
 impl KernelEdge {
@@ -82,6 +100,8 @@ impl KernelEdge {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create pin directory {}", dir.display()))?;
 
+        // A restart reuses the pinned maps; only a first start initialises them.
+        let fresh = !dir.join("ADMISSION").exists();
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
         for (name, path) in &pins {
@@ -91,29 +111,14 @@ impl KernelEdge {
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (is this kernel built with BPF and BTF?)")?;
 
-        let mut edge = KernelEdge {
-            settings: typed(&mut ebpf, "SETTINGS")?,
-            nets_v4: typed(&mut ebpf, "NETS_V4")?,
-            nets_v6: typed(&mut ebpf, "NETS_V6")?,
-            classes: typed(&mut ebpf, "CLASSES")?,
-            admission: typed(&mut ebpf, "ADMISSION")?,
-            tenants: typed(&mut ebpf, "TENANTS")?,
-            counters: typed(&mut ebpf, "COUNTERS")?,
+        let mut maps = EdgeMaps::take(&mut ebpf, fresh)?;
+        // Maps before the program: it acts only once everything it reads is in place.
+        maps.sync(cfg)?;
+        let edge = KernelEdge {
+            maps,
             _link: attach(&mut ebpf, &dir, mode, iface)?,
             dir,
         };
-        for class in 0..MAX_CLASSES {
-            edge.admission
-                .set(
-                    class,
-                    Admission {
-                        admit_permille: ADMIT_ALL,
-                    },
-                    0,
-                )
-                .context("writing ADMISSION")?;
-        }
-        edge.sync(cfg)?;
         if mode == AttachMode::Tc && kcfg.mark {
             // The accepted socket inherits the SYN's mark only with this on (per netns).
             std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
@@ -121,9 +126,52 @@ impl KernelEdge {
         }
         Ok(edge)
     }
+}
+
+/// Handles on the maps the daemon writes and reads (pinned or not).
+///
+/// Two kinds of state live here. The config's ([`EdgeMaps::sync`]): settings,
+/// class policies, networks, the set of tenants. The running layers' (the
+/// `set_*` writers): admission ratios, tenant budget state, GPU load. `sync`
+/// never overwrites the second kind, so a config reload keeps what the budget
+/// and GPU layers last wrote; a restart keeps it too (the maps are pinned).
+pub struct EdgeMaps {
+    settings: Array<MapData, Settings>,
+    nets_v4: LpmTrie<MapData, [u8; 4], NetEntry>,
+    nets_v6: LpmTrie<MapData, [u8; 16], NetEntry>,
+    classes: Array<MapData, ClassPolicy>,
+    admission: Array<MapData, Admission>,
+    tenants: HashMap<MapData, u32, TenantState>,
+    gpu_load: Array<MapData, GpuLoad>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl EdgeMaps {
+    /// Takes the map handles out of a loaded object. `fresh` maps (just
+    /// created, not reopened from pins) get every class's admission set to
+    /// admit all: an array starts zeroed, which would shed everything.
+    pub fn take(ebpf: &mut Ebpf, fresh: bool) -> Result<EdgeMaps> {
+        let mut maps = EdgeMaps {
+            settings: typed(ebpf, "SETTINGS")?,
+            nets_v4: typed(ebpf, "NETS_V4")?,
+            nets_v6: typed(ebpf, "NETS_V6")?,
+            classes: typed(ebpf, "CLASSES")?,
+            admission: typed(ebpf, "ADMISSION")?,
+            tenants: typed(ebpf, "TENANTS")?,
+            gpu_load: typed(ebpf, "GPU_LOAD")?,
+            counters: typed(ebpf, "COUNTERS")?,
+        };
+        if fresh {
+            for class in 0..MAX_CLASSES {
+                maps.set_admission(class, ADMIT_ALL)?;
+            }
+        }
+        Ok(maps)
+    }
 
     /// Makes the maps say what `cfg` says: settings, class policies, networks, tenants.
-    /// Entries no longer in the config are removed; counters and buckets are kept.
+    /// Entries no longer in the config are removed (a tenant with them); counters,
+    /// buckets, admission ratios, GPU load and known tenants' state are kept.
     pub fn sync(&mut self, cfg: &Loaded) -> Result<()> {
         let mut settings = Settings {
             default_class: cfg.default_class,
@@ -190,6 +238,75 @@ impl KernelEdge {
         Ok(())
     }
 
+    /// Sets the share of `class`'s new connections the kernel admits, in per
+    /// mille (clamped to 0..=1000). Written from GPU and queue pressure.
+    pub fn set_admission(&mut self, class: u32, permille: u32) -> Result<()> {
+        if class >= MAX_CLASSES {
+            bail!("class {class} is out of range (at most {MAX_CLASSES} classes)");
+        }
+        let admission = Admission {
+            admit_permille: permille.min(ADMIT_ALL),
+        };
+        self.admission
+            .set(class, admission, 0)
+            .context("writing ADMISSION")
+    }
+
+    /// The admission ratio in force for `class`, in per mille.
+    pub fn admission(&self, class: u32) -> Result<u32> {
+        Ok(self
+            .admission
+            .get(&class, 0)
+            .context("reading ADMISSION")?
+            .admit_permille)
+    }
+
+    /// Records what the budget layer knows about tenant `id`: tokens used and
+    /// the limit of its tightest window, and whether the edge sheds it.
+    pub fn set_tenant(&mut self, id: u32, used: u64, limit: u64, blocked: bool) -> Result<()> {
+        let state = TenantState {
+            tokens_used: used,
+            tokens_limit: limit,
+            blocked: u32::from(blocked),
+            _pad: 0,
+        };
+        self.tenants.insert(id, state, 0).context("writing TENANTS")
+    }
+
+    /// The kernel's copy of tenant `id`'s state, if it has one.
+    pub fn tenant(&self, id: u32) -> Option<TenantState> {
+        self.tenants.get(&id, 0).ok()
+    }
+
+    /// Records GPU `index`'s raw load (from NVML), stamped with CLOCK_MONOTONIC
+    /// so it compares with the kernel's `bpf_ktime_get_ns`.
+    pub fn set_gpu_load(
+        &mut self,
+        index: u32,
+        utilization_pct: u32,
+        memory_used_bytes: u64,
+        memory_total_bytes: u64,
+    ) -> Result<()> {
+        if index >= MAX_GPUS {
+            bail!("GPU index {index} is out of range (at most {MAX_GPUS} GPUs)");
+        }
+        let load = GpuLoad {
+            utilization_pct: utilization_pct.min(100),
+            _pad: 0,
+            memory_used_bytes,
+            memory_total_bytes,
+            updated_ns: monotonic_ns(),
+        };
+        self.gpu_load
+            .set(index, load, 0)
+            .context("writing GPU_LOAD")
+    }
+
+    /// The kernel's copy of GPU `index`'s load.
+    pub fn gpu_load(&self, index: u32) -> Result<GpuLoad> {
+        self.gpu_load.get(&index, 0).context("reading GPU_LOAD")
+    }
+
     /// Per-slot packet counters summed over CPUs (`class * REASONS + reason`).
     pub fn counters(&self) -> Result<Vec<u64>> {
         (0..COUNTER_SLOTS)
@@ -199,6 +316,17 @@ impl KernelEdge {
             })
             .collect()
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn class_policy(c: &crate::config::Class) -> ClassPolicy {

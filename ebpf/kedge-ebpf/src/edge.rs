@@ -70,6 +70,21 @@ pub fn kedge_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+// ---- benchmark baselines ---------------------------------------------------
+
+/// Never attached: `cargo xtask bench kernel` runs it next to `kedge_tc` to
+/// measure what any tc program costs under BPF_PROG_TEST_RUN.
+#[classifier]
+pub fn kedge_tc_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
+/// Never attached: the XDP baseline of `cargo xtask bench kernel`.
+#[xdp]
+pub fn kedge_xdp_empty(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 // ---- the shared core -------------------------------------------------------
 
 enum Verdict {
@@ -133,7 +148,7 @@ enum Parse {
 #[inline(always)]
 fn parse(start: usize, end: usize) -> Parse {
     let Some(eth) = bytes_at(start, end, 0, ETH_HLEN) else {
-        return Parse::Other;
+        return Parse::Malformed;
     };
     // SAFETY: 14 bytes checked above.
     let mut proto = be16(unsafe { eth.add(12) });
@@ -252,36 +267,17 @@ fn is_proxy_port(settings: &Settings, port: u16) -> bool {
     false
 }
 
-/// GCRA: conforming if the theoretical arrival time is no further ahead of now
-/// than the tolerance; then it moves one interval on. Unsynchronised across CPUs
-/// on purpose: a lost update admits at most one extra connection per CPU racing.
+/// GCRA: a connection conforms if the bucket's theoretical arrival time is no
+/// further ahead of now than the tolerance.
 #[inline(always)]
-fn bucket_take(bucket: *mut Bucket, now: u64, interval: u64, tolerance: u64) -> bool {
-    // SAFETY: `bucket` points into a map value that lives while we run.
-    let tat = unsafe { (*bucket).tat_ns };
-    let tat = if tat > now { tat } else { now };
-    if tat - now > tolerance {
-        return false;
-    }
-    unsafe { (*bucket).tat_ns = tat + interval };
-    true
+fn conforms(tat: u64, now: u64, tolerance: u64) -> bool {
+    tat <= now + tolerance
 }
 
+/// GCRA: charging a conforming connection moves the arrival time one interval on.
 #[inline(always)]
-fn source_take(src: &SourceKey, now: u64, interval: u64, tolerance: u64) -> bool {
-    if let Some(b) = SRC_BUCKETS.get_ptr_mut(src) {
-        return bucket_take(b, now, interval, tolerance);
-    }
-    // First connection from this source: it conforms, and the next is due one
-    // interval later. An insert failure (map full of pinned entries) admits.
-    let _ = SRC_BUCKETS.insert(
-        src,
-        Bucket {
-            tat_ns: now + interval,
-        },
-        0,
-    );
-    true
+fn charged(tat: u64, now: u64, interval: u64) -> u64 {
+    (if tat > now { tat } else { now }) + interval
 }
 
 #[inline(always)]
@@ -385,23 +381,54 @@ fn admit(p: &Parsed, entry: &NetEntry) -> Option<Reason> {
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // The source bucket first: one abusive address must not drain its class's bucket.
-    if policy.source_interval_ns != 0
-        && !source_take(
-            &p.src,
-            now,
-            policy.source_interval_ns,
-            policy.source_tolerance_ns,
-        )
-    {
-        return Some(Reason::SourceRate);
-    }
-    if policy.interval_ns != 0 {
-        if let Some(b) = CLASS_BUCKETS.get_ptr_mut(class) {
-            if !bucket_take(b, now, policy.interval_ns, policy.tolerance_ns) {
-                return Some(Reason::ClassRate);
+    // Check both buckets, then charge both: a connection the class bucket drops
+    // costs its source nothing, and the source bucket comes first so one abusive
+    // address is stopped before it is weighed against its class. The updates are
+    // not atomic across CPUs on purpose: a lost update admits at most one extra
+    // connection per racing CPU.
+    let src_bucket = if policy.source_interval_ns != 0 {
+        let b = SRC_BUCKETS.get_ptr_mut(&p.src);
+        if let Some(b) = b {
+            // SAFETY: `b` points into a map value that lives while we run.
+            if !conforms(unsafe { (*b).tat_ns }, now, policy.source_tolerance_ns) {
+                return Some(Reason::SourceRate);
             }
         }
+        Some(b)
+    } else {
+        None
+    };
+    let class_bucket = if policy.interval_ns != 0 {
+        CLASS_BUCKETS.get_ptr_mut(class)
+    } else {
+        None
+    };
+    if let Some(b) = class_bucket {
+        // SAFETY: as above.
+        let tat = unsafe { (*b).tat_ns };
+        if !conforms(tat, now, policy.tolerance_ns) {
+            return Some(Reason::ClassRate);
+        }
+        // SAFETY: as above.
+        unsafe { (*b).tat_ns = charged(tat, now, policy.interval_ns) };
+    }
+    match src_bucket {
+        // SAFETY: as above.
+        Some(Some(b)) => unsafe {
+            (*b).tat_ns = charged((*b).tat_ns, now, policy.source_interval_ns)
+        },
+        // First connection from this source. An insert failure admits: the LRU
+        // map evicts, so it only fails under memory pressure.
+        Some(None) => {
+            let _ = SRC_BUCKETS.insert(
+                &p.src,
+                Bucket {
+                    tat_ns: now + policy.source_interval_ns,
+                },
+                0,
+            );
+        }
+        None => {}
     }
     None
 }
