@@ -16,7 +16,12 @@ use kedge_common::{MAX_CLASSES, MAX_PORTS};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::cidr::Cidr;
+use crate::{
+    cidr::Cidr,
+    gpu::GpuConfig,
+    route::{RouteConfig, RoutingConfig},
+    schedule::{ClassRef, ScheduleConfig},
+};
 
 /// Largest rate the kernel buckets accept (connections per second).
 pub const MAX_CONN_RATE: u32 = 1_000_000;
@@ -42,7 +47,13 @@ pub struct Config {
     #[serde(rename = "api_key", default)]
     pub api_keys: Vec<ApiKey>,
     #[serde(rename = "route", default)]
-    pub routes: Vec<Route>,
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub gpu: GpuConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +93,10 @@ pub struct Limits {
     /// Largest non-streaming upstream response kedge buffers to read its usage (502 above).
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: u64,
+    /// Output tokens assumed for a request without `max_tokens` (scheduling
+    /// cost, routing context check, budget reservations).
+    #[serde(default = "default_output_tokens")]
+    pub default_output_tokens: u64,
 }
 
 impl Default for Limits {
@@ -92,6 +107,7 @@ impl Default for Limits {
             body_read_timeout_ms: default_body_read_timeout_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
             max_response_bytes: default_max_response_bytes(),
+            default_output_tokens: default_output_tokens(),
         }
     }
 }
@@ -110,6 +126,9 @@ fn default_idle_timeout_ms() -> u64 {
 }
 fn default_max_response_bytes() -> u64 {
     64 << 20
+}
+fn default_output_tokens() -> u64 {
+    1024
 }
 
 /// One link of the classification chain.
@@ -181,16 +200,6 @@ pub struct ApiKey {
     pub class: Option<Spanned<String>>,
     /// Models this key may use (absent = every routed model).
     pub models: Option<Vec<Spanned<String>>>,
-}
-
-/// A model name clients send, and the backend that serves it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Route {
-    pub model: Spanned<String>,
-    pub backend: Spanned<String>,
-    /// Model name the backend knows it by (default: `model`).
-    pub upstream_model: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -386,8 +395,12 @@ pub struct Loaded {
     pub ports: Vec<u16>,
     /// Parsed `[[backend]]` URLs, in config order.
     pub backend_uris: Vec<Uri>,
-    /// `[[route]]` model → index into `[[backend]]`.
-    pub route_backends: HashMap<String, usize>,
+    /// `[[route]]` model → index into `routes`.
+    pub route_index: HashMap<String, usize>,
+    /// The routes with the `backend` shorthand expanded into one arm.
+    pub routes: Vec<RouteConfig>,
+    /// `[schedule]` resolved against classes, backends and tenants.
+    pub schedule: std::sync::Arc<crate::schedule::Plan>,
 }
 
 impl Loaded {
@@ -667,22 +680,33 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     }
 
     // Routes.
-    let mut route_backends = HashMap::new();
+    let mut route_index = HashMap::new();
+    let mut routes = Vec::new();
     for r in &raw.routes {
-        let Some(&backend) = backend_ids.get(r.backend.get_ref().as_str()) else {
-            let known: Vec<_> = raw
-                .backends
-                .iter()
-                .map(|b| b.name.get_ref().as_str())
-                .collect();
-            return Err(err(
-                Some(r.backend.span()),
-                format!("unknown backend `{}`", r.backend.get_ref()),
-                Some(&format!("defined backends: {}", known.join(", "))),
-            ));
-        };
-        if route_backends
-            .insert(r.model.get_ref().clone(), backend)
+        let r = r.normalized().map_err(|(span, message)| {
+            err(
+                span,
+                message,
+                Some("e.g. backend = \"local\", or [[route.arm]] tables"),
+            )
+        })?;
+        for arm in &r.arms {
+            if !backend_ids.contains_key(arm.backend.get_ref().as_str()) {
+                let known: Vec<_> = raw
+                    .backends
+                    .iter()
+                    .map(|b| b.name.get_ref().as_str())
+                    .collect();
+                return Err(err(
+                    Some(arm.backend.span()),
+                    format!("unknown backend `{}`", arm.backend.get_ref()),
+                    Some(&format!("defined backends: {}", known.join(", "))),
+                ));
+            }
+        }
+        routes.push(r.clone());
+        if route_index
+            .insert(r.model.get_ref().clone(), routes.len() - 1)
             .is_some()
         {
             return Err(err(
@@ -694,7 +718,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     }
     for k in &raw.api_keys {
         for m in k.models.iter().flatten() {
-            if !raw.routes.is_empty() && !route_backends.contains_key(m.get_ref()) {
+            if !raw.routes.is_empty() && !route_index.contains_key(m.get_ref()) {
                 return Err(err(
                     Some(m.span()),
                     format!(
@@ -720,6 +744,25 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         }
     }
 
+    // Scheduling.
+    let class_refs: Vec<ClassRef<'_>> = raw
+        .classes
+        .iter()
+        .map(|c| ClassRef {
+            name: c.name.get_ref(),
+            priority: c.priority,
+        })
+        .collect();
+    let backend_names: Vec<&str> = raw
+        .backends
+        .iter()
+        .map(|b| b.name.get_ref().as_str())
+        .collect();
+    let schedule = raw
+        .schedule
+        .resolve(&class_refs, &backend_names, &tenant_ids)
+        .map_err(|e| err(e.span, e.message, e.hint.as_deref()))?;
+
     Ok(Loaded {
         path: path.to_owned(),
         class_ids,
@@ -727,7 +770,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         tenant_ids,
         ports,
         backend_uris,
-        route_backends,
+        route_index,
+        routes,
+        schedule: std::sync::Arc::new(schedule),
         raw,
     })
 }

@@ -14,10 +14,35 @@ use tokio::{
 
 use crate::{
     config::{self, AttachMode},
+    feedback::Feedback,
+    gpu::{GpuSample, GpuSource, spawn_poller},
     kernel::{KernelEdge, TagReader},
     metrics::{Admin, Metrics},
     proxy::{Proxy, Tags, tls},
 };
+
+/// Opens the configured GPU source and polls it on its own thread. Without a
+/// GPU or a driver kedge says so once and runs with no GPU load.
+fn start_gpu(cfg: &config::Loaded) -> watch::Receiver<Vec<GpuSample>> {
+    match GpuSource::open(&cfg.raw.gpu) {
+        Ok(Some(source)) => {
+            tracing::info!(source = source.name(), "GPU load source");
+            let interval = std::time::Duration::from_millis(cfg.raw.gpu.interval_ms.max(10));
+            // The thread ends when the receiver side is gone (daemon exit).
+            spawn_poller(source, interval).0
+        }
+        Ok(None) => {
+            tracing::info!("GPU load source: none (configured)");
+            watch::channel(Vec::new()).1
+        }
+        Err(e) => {
+            tracing::warn!(
+                "GPU load source: none ({e}); routing and shedding run without GPU load"
+            );
+            watch::channel(Vec::new()).1
+        }
+    }
+}
 
 pub async fn run(config_path: &Path) -> Result<()> {
     let cfg = Arc::new(config::load(config_path)?);
@@ -60,8 +85,17 @@ pub async fn run(config_path: &Path) -> Result<()> {
         None => None,
     };
 
+    let gpu = start_gpu(&cfg);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let proxy = Arc::new(Proxy::new(cfg.clone(), tags, metrics.clone())?);
+    let proxy = Arc::new(Proxy::new(cfg.clone(), tags, metrics.clone(), gpu.clone())?);
+    let feedback = Feedback::new(
+        cfg.clone(),
+        kernel.clone(),
+        metrics.clone(),
+        proxy.clone(),
+        gpu,
+    );
+    let feedback_task = tokio::spawn(feedback.run(stop_rx.clone()));
     let admin = Arc::new(Admin {
         metrics,
         kernel: kernel.clone(),
@@ -97,6 +131,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let _ = stop_tx.send(true);
     let _ = proxy_task.await;
     let _ = admin_task.await;
+    let _ = feedback_task.await;
     if kernel.is_some() {
         // Deliberate: pinned maps and links keep enforcing while the daemon is
         // down or being upgraded; `kedge detach` removes them.

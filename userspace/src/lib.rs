@@ -9,6 +9,7 @@ pub mod cidr;
 pub mod classify;
 pub mod config;
 pub mod daemon;
+pub mod feedback;
 pub mod gpu;
 pub mod kernel;
 pub mod metrics;

@@ -13,7 +13,10 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kedge_common::{GLOBAL_SLOT, REASONS, Reason};
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{config::Loaded, kernel::KernelEdge};
@@ -28,59 +31,193 @@ pub struct Metrics {
     kernel_packets: IntCounterVec,
     /// Last kernel counter values seen, to turn totals into counter increments.
     kernel_seen: Mutex<Vec<u64>>,
+    /// Routing decisions by route, first arm tried and reason.
+    pub route_decisions: IntCounterVec,
+    /// Attempts that failed over to another arm, by route, arm and cause.
+    pub route_failovers: IntCounterVec,
+    /// Requests answered by an arm, by route and arm kind (local, cloud).
+    pub route_served: IntCounterVec,
+    /// Share of answered requests served by local arms.
+    pub local_ratio: Gauge,
+    served_local: std::sync::atomic::AtomicU64,
+    served_cloud: std::sync::atomic::AtomicU64,
+    pub queue_wait: HistogramVec,
+    pub queue_depth: IntGaugeVec,
+    pub queue_in_flight: IntGaugeVec,
+    pub queue_admitted: IntCounterVec,
+    pub queue_rejected: IntCounterVec,
+    pub gpu_utilization: GaugeVec,
+    pub gpu_memory_used: GaugeVec,
+    pub gpu_memory_total: GaugeVec,
+    /// Per-class admission ratio written to the kernel, per mille.
+    pub admission: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(m.clone()))
+        .expect("unique metric");
+    m
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let m = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(m.clone()))
+        .expect("unique metric");
+    m
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(m.clone()))
+        .expect("unique metric");
+    m
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "kedge_requests_total",
-                "Proxied requests by class, tenant and status.",
-            ),
-            &["class", "tenant", "status"],
-        )
-        .expect("valid metric");
-        let kernel_packets = IntCounterVec::new(
-            Opts::new(
-                "kedge_kernel_packets_total",
-                "Packets to the proxy ports seen by the kernel program, by class and verdict.",
-            ),
-            &["class", "verdict", "action"],
-        )
-        .expect("valid metric");
-        let tokens = IntCounterVec::new(
-            Opts::new(
-                "kedge_tokens_total",
-                "Tokens of settled requests, by direction (input, output), class and tenant.",
-            ),
-            &["direction", "class", "tenant"],
-        )
-        .expect("valid metric");
+        let r = Registry::new();
         let untrusted_headers = IntCounter::new(
             "kedge_untrusted_header_total",
             "Requests whose tenant/class headers came from an untrusted source and were ignored.",
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(requests.clone()))
+        r.register(Box::new(untrusted_headers.clone()))
             .expect("unique metric");
-        registry
-            .register(Box::new(tokens.clone()))
+        let local_ratio = Gauge::new(
+            "kedge_route_local_ratio",
+            "Share of requests answered by local (GPU) arms since start.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(local_ratio.clone()))
             .expect("unique metric");
-        registry
-            .register(Box::new(untrusted_headers.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(kernel_packets.clone()))
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "kedge_queue_wait_seconds",
+                "Time requests waited for a backend slot.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["backend", "class"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(queue_wait.clone()))
             .expect("unique metric");
         Metrics {
-            registry,
-            requests,
-            tokens,
+            requests: counter(
+                &r,
+                "kedge_requests_total",
+                "Proxied requests by class, tenant and status.",
+                &["class", "tenant", "status"],
+            ),
+            tokens: counter(
+                &r,
+                "kedge_tokens_total",
+                "Tokens of settled requests, by direction (input, output), class and tenant.",
+                &["direction", "class", "tenant"],
+            ),
             untrusted_headers,
-            kernel_packets,
+            kernel_packets: counter(
+                &r,
+                "kedge_kernel_packets_total",
+                "Packets to the proxy ports seen by the kernel program, by class and verdict.",
+                &["class", "verdict", "action"],
+            ),
             kernel_seen: Mutex::new(Vec::new()),
+            route_decisions: counter(
+                &r,
+                "kedge_route_decisions_total",
+                "Routing decisions by route, first arm and reason.",
+                &["route", "arm", "reason"],
+            ),
+            route_failovers: counter(
+                &r,
+                "kedge_route_failovers_total",
+                "Failed attempts that moved on to the next arm, by route, arm and cause.",
+                &["route", "arm", "cause"],
+            ),
+            route_served: counter(
+                &r,
+                "kedge_route_served_total",
+                "Requests answered, by route and arm kind.",
+                &["route", "kind"],
+            ),
+            local_ratio,
+            served_local: Default::default(),
+            served_cloud: Default::default(),
+            queue_wait,
+            queue_depth: int_gauge(
+                &r,
+                "kedge_queue_depth",
+                "Requests waiting for a slot, by backend and class.",
+                &["backend", "class"],
+            ),
+            queue_in_flight: int_gauge(
+                &r,
+                "kedge_queue_in_flight",
+                "Requests holding a slot, by backend.",
+                &["backend"],
+            ),
+            queue_admitted: counter(
+                &r,
+                "kedge_queue_admitted_total",
+                "Requests that got a backend slot, by backend and class.",
+                &["backend", "class"],
+            ),
+            queue_rejected: counter(
+                &r,
+                "kedge_queue_rejected_total",
+                "Requests refused by the scheduler, by backend, class and reason.",
+                &["backend", "class", "reason"],
+            ),
+            gpu_utilization: gauge(
+                &r,
+                "kedge_gpu_utilization_ratio",
+                "GPU utilization, 0..1, by GPU index (or backend for vLLM metrics).",
+                &["gpu"],
+            ),
+            gpu_memory_used: gauge(
+                &r,
+                "kedge_gpu_memory_used_bytes",
+                "GPU memory in use.",
+                &["gpu"],
+            ),
+            gpu_memory_total: gauge(
+                &r,
+                "kedge_gpu_memory_total_bytes",
+                "GPU memory in all.",
+                &["gpu"],
+            ),
+            admission: int_gauge(
+                &r,
+                "kedge_admission_permille",
+                "Share of new connections the kernel admits per class, per mille.",
+                &["class"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// Counts one answered request by arm kind and refreshes the local ratio.
+    pub fn served(&self, route: &str, local: bool) {
+        self.route_served
+            .with_label_values(&[route, if local { "local" } else { "cloud" }])
+            .inc();
+        let counter = if local {
+            &self.served_local
+        } else {
+            &self.served_cloud
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let (local_n, cloud_n) = (load(&self.served_local), load(&self.served_cloud));
+        if local_n + cloud_n > 0 {
+            self.local_ratio
+                .set(local_n as f64 / (local_n + cloud_n) as f64);
         }
     }
 

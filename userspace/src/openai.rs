@@ -25,6 +25,15 @@ impl Endpoint {
         }
     }
 
+    /// Short name for the task classifier and labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
     pub fn path(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "/v1/chat/completions",
@@ -55,6 +64,10 @@ pub struct ApiError {
     /// OpenAI's `type`: `invalid_request_error`, `authentication_error`, ...
     pub kind: &'static str,
     pub code: &'static str,
+    /// Seconds for a `Retry-After` header (429 and 503 from limits and queues).
+    pub retry_after: Option<u64>,
+    /// Further headers, e.g. OpenAI's `x-ratelimit-*`.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -69,6 +82,8 @@ impl ApiError {
             message,
             kind,
             code,
+            retry_after: None,
+            headers: Vec::new(),
         }
     }
 

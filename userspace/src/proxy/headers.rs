@@ -14,6 +14,8 @@ use hyper::{
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_KEDGE_CLASS: HeaderName = HeaderName::from_static("x-kedge-class");
 pub const X_KEDGE_TENANT: HeaderName = HeaderName::from_static("x-kedge-tenant");
+/// The arm that answered and why (when `[routing] explain_header`).
+pub const X_KEDGE_ROUTE: HeaderName = HeaderName::from_static("x-kedge-route");
 
 /// The client's `x-request-id` if it sent a sane one, else a fresh one.
 pub fn request_id(headers: &HeaderMap) -> String {

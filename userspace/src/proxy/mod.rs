@@ -16,7 +16,11 @@ mod stream;
 pub mod tls;
 mod upstream;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use bytes::Bytes;
@@ -31,13 +35,19 @@ use hyper::{
 use server::InFlight;
 pub use server::{ConnInfo, Tags};
 use stream::{Meter, MeteredStream};
+use tokio::sync::watch;
 use upstream::{Backend, bad_gateway};
 
 use crate::{
     classify::{Classifier, Facts, Identity},
-    config::Loaded,
+    config::{self, Loaded},
+    gpu::GpuSample,
     metrics::Metrics,
     openai::{self, ApiError, Endpoint, ParsedRequest, Usage},
+    route::{
+        self, ArmGuard, ArmKind, FailoverCause, RouteRequest, RouteRuntime, Router, breaker, task,
+    },
+    schedule::{Gate, Job, Permit},
     tokens,
 };
 
@@ -50,6 +60,10 @@ pub struct Proxy {
     backends: Vec<Backend>,
     tags: Tags,
     metrics: Arc<Metrics>,
+    router: Router,
+    /// One scheduler per backend, same order as `backends`.
+    gates: Vec<Gate>,
+    gpu: watch::Receiver<Vec<GpuSample>>,
 }
 
 /// Everything the pipeline knows about a request once it is routed.
@@ -69,30 +83,60 @@ pub struct RequestCtx {
     pub prompt_estimate: u64,
 }
 
-/// Where a model is served.
+/// Where a model is served: the arm that answered, and why it was chosen.
 #[derive(Clone, Debug)]
 pub struct Route {
     /// Index into `[[backend]]`.
     pub backend: usize,
     /// The model name sent upstream.
     pub upstream_model: String,
+    /// The routing reason (`local_first`, `context_too_long`, …).
+    pub reason: &'static str,
+    /// The answering arm is a local (GPU) one.
+    pub local: bool,
 }
 
 /// Labels a request is counted under, refined as the pipeline learns more.
 struct Labels {
     class: u32,
     tenant: Option<String>,
+    /// `<backend>; reason=<reason>` once routed.
+    route: Option<String>,
 }
 
 impl Proxy {
-    pub fn new(cfg: Arc<Loaded>, tags: Tags, metrics: Arc<Metrics>) -> Result<Proxy> {
+    pub fn new(
+        cfg: Arc<Loaded>,
+        tags: Tags,
+        metrics: Arc<Metrics>,
+        gpu: watch::Receiver<Vec<GpuSample>>,
+    ) -> Result<Proxy> {
+        let backends = upstream::backends(&cfg)?;
+        let router = Router::new(cfg.raw.routing.clone(), &cfg.routes, |name| {
+            backends.iter().position(|b| b.name == name).unwrap_or(0)
+        });
+        let gates = backends
+            .iter()
+            .map(|b| Gate::new(cfg.schedule.clone(), cfg.schedule.backend(&b.name)))
+            .collect();
         Ok(Proxy {
             classifier: Classifier::from_config(&cfg),
-            backends: upstream::backends(&cfg)?,
+            backends,
             cfg,
             tags,
             metrics,
+            router,
+            gates,
+            gpu,
         })
+    }
+
+    /// The schedulers, for the feedback loop and `/status`.
+    pub fn gates(&self) -> impl Iterator<Item = (&str, &Gate)> {
+        self.backends
+            .iter()
+            .map(|b| b.name.as_str())
+            .zip(&self.gates)
     }
 
     async fn handle(
@@ -105,6 +149,7 @@ impl Proxy {
         let mut labels = Labels {
             class: conn.kernel.0,
             tenant: self.tenant_name(conn.kernel.1),
+            route: None,
         };
         let resp = match self.pipeline(req, conn, &request_id, &mut labels).await {
             Ok(resp) => resp,
@@ -122,10 +167,19 @@ impl Proxy {
             class,
             tenant,
             status = resp.status().as_u16(),
+            route = labels.route.as_deref().unwrap_or("-"),
             "request"
         );
         let (mut parts, body) = resp.into_parts();
         let h = &mut parts.headers;
+        if self.router.cfg.explain_header
+            && let Some(v) = labels
+                .route
+                .as_deref()
+                .and_then(|r| HeaderValue::from_str(r).ok())
+        {
+            h.insert(headers::X_KEDGE_ROUTE, v);
+        }
         for (name, value) in [
             (headers::X_REQUEST_ID, request_id.as_str()),
             (headers::X_KEDGE_CLASS, class),
@@ -179,26 +233,30 @@ impl Proxy {
         // cannot make kedge buffer megabytes.
         let identity = self.classify(&parts.headers, conn, labels)?;
         let parsed = self.read_request(endpoint, &parts.headers, body).await?;
-        let route = self.route(&identity, &parsed.model)?;
-        let ctx = RequestCtx {
+        identity.check_model(&parsed.model)?;
+        let route = self.find_route(&parsed.model)?;
+        let mut ctx = RequestCtx {
             request_id: request_id.to_string(),
             peer: conn.peer,
             identity,
             endpoint,
             model: parsed.model.clone(),
-            route,
+            route: Route {
+                backend: 0,
+                upstream_model: parsed.model.clone(),
+                reason: "only_backend",
+                local: true,
+            },
             stream: parsed.stream,
             client_wants_usage: parsed.client_wants_usage,
             max_tokens: parsed.max_tokens,
             prompt_estimate: tokens::estimate_prompt(endpoint, &parsed.body),
         };
-        let backend = &self.backends[ctx.route.backend];
-        let body = parsed.upstream_body(&ctx.route.upstream_model, backend.stream_usage);
         let headers = self.upstream_headers(&parts.headers, &ctx);
-        let resp = backend
-            .send(Method::POST, endpoint.path(), headers, Bytes::from(body))
+        let sent = self
+            .forward(&mut ctx, route, &parsed, headers, labels)
             .await?;
-        self.respond(ctx, resp).await
+        self.respond(ctx, sent).await
     }
 
     /// Stage 1: the classification chain.
@@ -276,34 +334,326 @@ impl Proxy {
 
     /// Stage 3: which backend serves the model, and may this identity use it.
     /// Without any `[[route]]`, every model goes to the first backend as is.
-    fn route(&self, identity: &Identity, model: &str) -> Result<Route, ApiError> {
-        identity.check_model(model)?;
-        if self.cfg.raw.routes.is_empty() {
-            return Ok(Route {
-                backend: 0,
-                upstream_model: model.to_string(),
-            });
+    /// Stage 3: the route of a model. `None` when no `[[route]]` is configured:
+    /// every model then goes to the first backend as is.
+    fn find_route(&self, model: &str) -> Result<Option<&RouteRuntime>, ApiError> {
+        if self.cfg.routes.is_empty() {
+            return Ok(None);
         }
-        let Some(&backend) = self.cfg.route_backends.get(model) else {
-            return Err(ApiError::new(
+        self.router.find(model).map(Some).ok_or_else(|| {
+            ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "model_not_found",
                 format!("The model `{model}` does not exist or you do not have access to it."),
-            ));
-        };
-        let upstream_model = self
-            .cfg
-            .raw
-            .routes
-            .iter()
-            .find(|r| r.model.get_ref() == model)
-            .and_then(|r| r.upstream_model.clone())
-            .unwrap_or_else(|| model.to_string());
-        Ok(Route {
-            backend,
-            upstream_model,
+            )
         })
+    }
+
+    /// Stages 4 and 5: plan the arms, wait for a slot on the chosen backend,
+    /// send, and fail over to the next arm on a connect error, a timeout, a 429,
+    /// a 5xx or a context-length error — all before any byte reached the client.
+    async fn forward(
+        &self,
+        ctx: &mut RequestCtx,
+        route: Option<&RouteRuntime>,
+        parsed: &ParsedRequest,
+        headers: HeaderMap,
+        labels: &mut Labels,
+    ) -> Result<Sent, ApiError> {
+        let output = ctx
+            .max_tokens
+            .unwrap_or(self.cfg.raw.limits.default_output_tokens);
+        let job = Job {
+            class: ctx.identity.class,
+            tenant: ctx.identity.tenant.as_deref().map_or(0, config::tenant_id),
+            cost: ctx.prompt_estimate + output,
+        };
+        let Some(route) = route else {
+            // No routes: one attempt on the first backend.
+            let permit = self.acquire(0, job).await?;
+            let resp = self
+                .send_to(0, &ctx.route.upstream_model, parsed, headers)
+                .await?;
+            labels.route = Some(format!("{}; reason=only_backend", self.backends[0].name));
+            return Ok(Sent {
+                resp,
+                permit,
+                arm: None,
+            });
+        };
+
+        let now = Instant::now();
+        let task = task::classify(
+            ctx.endpoint.label(),
+            &serde_json::Value::Object(parsed.body.clone()),
+            ctx.prompt_estimate,
+        );
+        let samples = self.gpu.borrow().clone();
+        let states = route.states(
+            now,
+            |arm| {
+                arm.gpus
+                    .iter()
+                    .filter_map(|g| samples.iter().find(|s| s.index == *g))
+                    .map(|s| s.utilization_pct)
+                    .max()
+            },
+            |backend| {
+                self.gates[backend]
+                    .stats()
+                    .classes
+                    .iter()
+                    .map(|c| c.queued as u32)
+                    .sum()
+            },
+        );
+        let request = RouteRequest {
+            prompt_tokens: ctx.prompt_estimate,
+            max_output_tokens: output,
+            task,
+            priority: self
+                .cfg
+                .raw
+                .classes
+                .get(ctx.identity.class as usize)
+                .map_or(u8::MAX, |c| c.priority),
+            cloud_budget_ok: true,
+        };
+        let plan = route::plan(&route.cfg, &request, &states, route.next_rotation());
+        let model = route.model().to_string();
+        let first = plan
+            .order
+            .first()
+            .map_or("-", |&i| route.arm(i).0.backend.get_ref().as_str());
+        self.metrics
+            .route_decisions
+            .with_label_values(&[&model, first, plan.reason.label()])
+            .inc();
+        if plan.order.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_error",
+                "no_arm_available",
+                format!(
+                    "No arm of route `{model}` can serve this request now ({})",
+                    plan.reason.label()
+                ),
+            ));
+        }
+
+        route.on_request(now);
+        let rc = &self.router.cfg;
+        let mut last: Option<Attempt> = None;
+        let mut tried = 0;
+        for (attempt, &arm) in plan
+            .order
+            .iter()
+            .enumerate()
+            .take(rc.max_attempts.max(1) as usize)
+        {
+            if attempt > 0 {
+                if !route.try_retry(Instant::now()) {
+                    break;
+                }
+                let wait = breaker::backoff(
+                    attempt as u32,
+                    Duration::from_millis(rc.backoff_base_ms),
+                    Duration::from_millis(rc.backoff_max_ms),
+                    jitter(),
+                );
+                tokio::time::sleep(wait).await;
+            }
+            if !route.breaker_allows(arm, Instant::now()) {
+                continue;
+            }
+            tried += 1;
+            let (arm_cfg, arm_rt) = route.arm(arm);
+            let backend = arm_rt.backend;
+            let upstream_model = arm_cfg
+                .upstream_model
+                .clone()
+                .unwrap_or_else(|| model.clone());
+            let permit = self.acquire(backend, job).await?;
+            let guard = route.begin(arm);
+            let more = plan.order.len() > attempt + 1 && attempt + 1 < rc.max_attempts as usize;
+            let outcome = self
+                .send_to(backend, &upstream_model, parsed, headers.clone())
+                .await;
+            let failure = match outcome {
+                Ok(resp) if more && is_retryable_status(resp.status()) => {
+                    // Read the (small) error body to tell a context-length error from others.
+                    let status = resp.status();
+                    let body = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        Limited::new(resp.into_body(), 64 << 10).collect(),
+                    )
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                    match FailoverCause::from_response(status.as_u16(), &body) {
+                        Some(cause) => Attempt::Status(cause),
+                        None => {
+                            // Not ours to retry (e.g. a plain 400): the upstream's
+                            // verdict on the request, passed on in OpenAI's shape.
+                            route.record(arm, true, Instant::now());
+                            drop((permit, guard));
+                            labels.route = Some(format!(
+                                "{}; reason={}",
+                                arm_cfg.backend.get_ref(),
+                                plan.reason.label()
+                            ));
+                            return Err(upstream_rejected(status, &body));
+                        }
+                    }
+                }
+                Ok(resp) => {
+                    route.record(arm, !resp.status().is_server_error(), Instant::now());
+                    return Ok(self.sent(
+                        ctx,
+                        labels,
+                        route,
+                        arm,
+                        &plan,
+                        permit,
+                        guard,
+                        upstream_model,
+                        resp,
+                    ));
+                }
+                Err(e) => Attempt::Error(e),
+            };
+            let cause = failure.cause();
+            // A 429 says "slow down", not "broken": it does not trip the breaker.
+            route.record(arm, cause == FailoverCause::RateLimited, Instant::now());
+            self.metrics
+                .route_failovers
+                .with_label_values(&[&model, arm_cfg.backend.get_ref(), cause.label()])
+                .inc();
+            tracing::warn!(route = %model, arm = %arm_cfg.backend.get_ref(), cause = cause.label(), "attempt failed");
+            drop((permit, guard));
+            last = Some(failure);
+        }
+        labels.route = Some(format!("-; reason={}", plan.reason.label()));
+        Err(match last {
+            Some(Attempt::Error(e)) if tried == 1 => e,
+            Some(last) => ApiError::new(
+                last.status(),
+                "upstream_error",
+                "all_arms_failed",
+                format!(
+                    "Every arm of route `{model}` failed ({tried} tried; last: {})",
+                    last.cause().label()
+                ),
+            ),
+            None => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_error",
+                "no_arm_available",
+                format!(
+                    "Every arm of route `{model}` is unavailable (circuit open); try again shortly"
+                ),
+            ),
+        })
+    }
+
+    /// The answering arm is known: record it in the context and the labels.
+    #[allow(clippy::too_many_arguments)]
+    fn sent(
+        &self,
+        ctx: &mut RequestCtx,
+        labels: &mut Labels,
+        route: &RouteRuntime,
+        arm: usize,
+        plan: &route::Plan,
+        permit: Permit,
+        guard: ArmGuard,
+        upstream_model: String,
+        resp: Response<Incoming>,
+    ) -> Sent {
+        let (arm_cfg, arm_rt) = route.arm(arm);
+        let local = arm_cfg.kind == ArmKind::Local;
+        ctx.route = Route {
+            backend: arm_rt.backend,
+            upstream_model,
+            reason: plan.reason.label(),
+            local,
+        };
+        self.metrics.served(route.model(), local);
+        labels.route = Some(format!(
+            "{}; reason={}",
+            arm_cfg.backend.get_ref(),
+            plan.reason.label()
+        ));
+        Sent {
+            resp,
+            permit,
+            arm: Some(guard),
+        }
+    }
+
+    /// Waits for a slot on `backend` per the scheduling policy.
+    async fn acquire(&self, backend: usize, job: Job) -> Result<Permit, ApiError> {
+        let name = self.backends[backend].name.as_str();
+        let class = self.cfg.class_name(job.class).to_string();
+        match self.gates[backend].acquire(job).await {
+            Ok(permit) => {
+                self.metrics
+                    .queue_wait
+                    .with_label_values(&[name, &class])
+                    .observe(permit.waited().as_secs_f64());
+                self.metrics
+                    .queue_admitted
+                    .with_label_values(&[name, &class])
+                    .inc();
+                Ok(permit)
+            }
+            Err(rejection) => {
+                self.metrics
+                    .queue_rejected
+                    .with_label_values(&[name, &class, rejection.reason.label()])
+                    .inc();
+                let status = StatusCode::from_u16(rejection.status())
+                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                let code = if status == StatusCode::TOO_MANY_REQUESTS {
+                    "queue_full"
+                } else {
+                    "backend_saturated"
+                };
+                let mut e = ApiError::new(
+                    status,
+                    "rate_limit_error",
+                    code,
+                    format!(
+                        "The `{class}` queue for backend `{name}` cannot take this request ({}); retry after {} s",
+                        rejection.reason.label(),
+                        rejection.retry_after_secs()
+                    ),
+                );
+                e.retry_after = Some(rejection.retry_after_secs());
+                Err(e)
+            }
+        }
+    }
+
+    async fn send_to(
+        &self,
+        backend: usize,
+        upstream_model: &str,
+        parsed: &ParsedRequest,
+        headers: HeaderMap,
+    ) -> Result<Response<Incoming>, ApiError> {
+        let b = &self.backends[backend];
+        let body = parsed.upstream_body(upstream_model, b.stream_usage);
+        b.send(
+            Method::POST,
+            parsed.endpoint.path(),
+            headers,
+            Bytes::from(body),
+        )
+        .await
     }
 
     /// The client's headers, minus what is for kedge or for this hop only.
@@ -330,11 +680,8 @@ impl Proxy {
     }
 
     /// Stage 5: the upstream's answer to the client, with its usage read.
-    async fn respond(
-        &self,
-        ctx: RequestCtx,
-        resp: Response<Incoming>,
-    ) -> Result<Response<Body>, ApiError> {
+    async fn respond(&self, ctx: RequestCtx, sent: Sent) -> Result<Response<Body>, ApiError> {
+        let Sent { resp, permit, arm } = sent;
         let backend = &self.backends[ctx.route.backend];
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -349,6 +696,8 @@ impl Proxy {
             class: self.cfg.class_name(ctx.identity.class).to_string(),
             backend: backend.name.clone(),
             ctx,
+            _slot: permit,
+            _arm: arm,
         };
         let ctx = &settlement.ctx;
         if ctx.stream && parts.status.is_success() && is_sse {
@@ -472,6 +821,10 @@ pub struct Settlement {
     class: String,
     backend: String,
     pub ctx: RequestCtx,
+    /// The backend slot and the arm's in-flight count: released when the
+    /// request is settled (a stream holds them to its end).
+    _slot: Permit,
+    _arm: Option<ArmGuard>,
 }
 
 impl Settlement {
@@ -544,7 +897,91 @@ fn json_response(status: StatusCode, body: String) -> Response<Body> {
 
 /// An error in OpenAI's shape: `{"error":{"message","type","code"}}`.
 pub fn error_response(e: &ApiError) -> Response<Body> {
-    json_response(e.status, e.body())
+    let mut resp = json_response(e.status, e.body());
+    let h = resp.headers_mut();
+    if let Some(secs) = e.retry_after
+        && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+    {
+        h.insert(header::RETRY_AFTER, v);
+    }
+    for (name, value) in &e.headers {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(*name, v);
+        }
+    }
+    resp
+}
+
+/// What the upstream stage hands to the response stage: the answer, the
+/// scheduler slot and the arm's in-flight count, both held until the body ends.
+pub struct Sent {
+    resp: Response<Incoming>,
+    permit: Permit,
+    arm: Option<ArmGuard>,
+}
+
+/// A failed attempt on one arm.
+enum Attempt {
+    Error(ApiError),
+    Status(FailoverCause),
+}
+
+impl Attempt {
+    fn cause(&self) -> FailoverCause {
+        match self {
+            Attempt::Error(e) if e.status == StatusCode::GATEWAY_TIMEOUT => FailoverCause::Timeout,
+            Attempt::Error(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+                FailoverCause::Connect
+            }
+            Attempt::Error(_) => FailoverCause::ServerError,
+            Attempt::Status(cause) => *cause,
+        }
+    }
+
+    /// The status of the one error naming the route: 503 when the arms were
+    /// unreachable or throttled (come back later), else 502 (they misbehaved).
+    fn status(&self) -> StatusCode {
+        match self.cause() {
+            FailoverCause::Connect | FailoverCause::RateLimited => StatusCode::SERVICE_UNAVAILABLE,
+            FailoverCause::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            FailoverCause::ServerError | FailoverCause::ContextLength => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// Answers worth trying elsewhere (the body decides for 400 and 413).
+fn is_retryable_status(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+        || status == StatusCode::BAD_REQUEST
+        || status == StatusCode::PAYLOAD_TOO_LARGE
+}
+
+/// A 4xx the upstream gave a request, re-issued in OpenAI's shape with the
+/// upstream's own message when it sent one.
+fn upstream_rejected(status: StatusCode, body: &[u8]) -> ApiError {
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned());
+    ApiError::new(
+        status,
+        "invalid_request_error",
+        "upstream_rejected",
+        message,
+    )
+}
+
+/// A cheap random number for backoff jitter (no RNG crate for this).
+fn jitter() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish() as u32
 }
 
 fn method_not_allowed(method: &Method, path: &str) -> ApiError {

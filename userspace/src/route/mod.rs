@@ -8,11 +8,15 @@
 //! weight and per-task strengths.
 
 pub mod breaker;
+mod router;
 pub mod task;
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use toml::Spanned;
+
+pub use self::router::{ArmGuard, RouteRuntime, Router};
 
 pub use self::task::{Complexity, TaskKind, TaskLabel};
 
@@ -20,8 +24,12 @@ pub use self::task::{Complexity, TaskKind, TaskLabel};
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// The model name clients ask for.
-    pub model: String,
-    #[serde(rename = "arm")]
+    pub model: Spanned<String>,
+    /// Shorthand for a route with one local arm on this backend.
+    pub backend: Option<Spanned<String>>,
+    /// With `backend`: the model name that backend knows (default: `model`).
+    pub upstream_model: Option<String>,
+    #[serde(rename = "arm", default)]
     pub arms: Vec<ArmConfig>,
     #[serde(default)]
     pub policy: PolicyKind,
@@ -54,16 +62,18 @@ fn default_queue_threshold() -> u32 {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ArmConfig {
-    pub backend: String,
+    pub backend: Spanned<String>,
     /// Model name sent upstream (default: the route's model).
     pub upstream_model: Option<String>,
+    #[serde(default = "local")]
     pub kind: ArmKind,
     /// USD per million input tokens (= micro-dollars per token).
     #[serde(default)]
     pub price_input_per_mtok: f64,
     #[serde(default)]
     pub price_output_per_mtok: f64,
-    /// Prompt + completion tokens the arm accepts.
+    /// Prompt + completion tokens the arm accepts (default: no limit).
+    #[serde(default = "unlimited")]
     pub max_context: u64,
     #[serde(default = "one")]
     pub quality: f64,
@@ -80,6 +90,106 @@ pub struct ArmConfig {
 
 fn one() -> f64 {
     1.0
+}
+
+fn local() -> ArmKind {
+    ArmKind::Local
+}
+
+fn unlimited() -> u64 {
+    u64::MAX / 2
+}
+
+impl RouteConfig {
+    /// The arms, with the `backend = ...` shorthand made a single local arm.
+    pub fn normalized(&self) -> Result<RouteConfig, (Option<std::ops::Range<usize>>, String)> {
+        let mut r = self.clone();
+        match (&self.backend, self.arms.is_empty()) {
+            (Some(b), true) => {
+                r.arms = vec![ArmConfig {
+                    backend: b.clone(),
+                    upstream_model: self.upstream_model.clone(),
+                    kind: ArmKind::Local,
+                    price_input_per_mtok: 0.0,
+                    price_output_per_mtok: 0.0,
+                    max_context: unlimited(),
+                    quality: 1.0,
+                    max_in_flight: 0,
+                    gpus: Vec::new(),
+                    strengths: BTreeMap::new(),
+                }];
+                Ok(r)
+            }
+            (Some(b), false) => Err((
+                Some(b.span()),
+                "a route has either `backend` (one arm) or [[route.arm]] tables, not both".into(),
+            )),
+            (None, true) => Err((
+                Some(self.model.span()),
+                format!(
+                    "route `{}` has no `backend` and no [[route.arm]]",
+                    self.model.get_ref()
+                ),
+            )),
+            (None, false) => Ok(r),
+        }
+    }
+}
+
+/// Retries, backoff and breakers for every route: `[routing]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Add `x-kedge-route: <arm backend>; reason=<reason>` to responses.
+    #[serde(default = "yes")]
+    pub explain_header: bool,
+    /// Arms tried per request at most (the first included).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Retries allowed per request, as a share of requests (plus `retry_min_per_sec`).
+    #[serde(default = "default_retry_ratio")]
+    pub retry_ratio: f64,
+    #[serde(default = "default_retry_floor")]
+    pub retry_min_per_sec: f64,
+    #[serde(default = "default_backoff_base")]
+    pub backoff_base_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+    #[serde(default)]
+    pub breaker: breaker::BreakerConfig,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            explain_header: true,
+            max_attempts: default_attempts(),
+            retry_ratio: default_retry_ratio(),
+            retry_min_per_sec: default_retry_floor(),
+            backoff_base_ms: default_backoff_base(),
+            backoff_max_ms: default_backoff_max(),
+            breaker: breaker::BreakerConfig::default(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_retry_ratio() -> f64 {
+    0.2
+}
+fn default_retry_floor() -> f64 {
+    2.0
+}
+fn default_backoff_base() -> u64 {
+    25
+}
+fn default_backoff_max() -> u64 {
+    1000
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -426,7 +536,7 @@ mod tests {
 
     fn arm(backend: &str, kind: ArmKind, price: f64, max_context: u64) -> ArmConfig {
         ArmConfig {
-            backend: backend.into(),
+            backend: Spanned::new(0..0, backend.into()),
             upstream_model: None,
             kind,
             price_input_per_mtok: price,
@@ -441,7 +551,9 @@ mod tests {
 
     fn route(policy: PolicyKind) -> RouteConfig {
         RouteConfig {
-            model: "llama".into(),
+            model: Spanned::new(0..0, "llama".into()),
+            backend: None,
+            upstream_model: None,
             arms: vec![
                 arm("gpu-a", ArmKind::Local, 0.0, 8192),
                 arm("gpu-b", ArmKind::Local, 0.0, 8192),
@@ -665,5 +777,11 @@ mod tests {
         assert_eq!(r.arms[1].strengths[&TaskKind::Code], 1.5);
         assert_eq!(r.arms[1].cost_micros(1_000_000, 0), 150_000);
         assert!(toml::from_str::<RouteConfig>("model = \"x\"\narm = []\nbogus = 1").is_err());
+        let short: RouteConfig = toml::from_str("model = \"m\"\nbackend = \"gpu\"").unwrap();
+        let n = short.normalized().unwrap();
+        assert_eq!((n.arms.len(), n.arms[0].kind), (1, ArmKind::Local));
+        assert!(r.normalized().is_ok());
+        let none: RouteConfig = toml::from_str("model = \"m\"").unwrap();
+        assert!(none.normalized().unwrap_err().1.contains("no `backend`"));
     }
 }

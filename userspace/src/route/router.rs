@@ -105,7 +105,11 @@ impl RouteRuntime {
             .map(|(cfg, rt)| ArmState {
                 in_flight: rt.in_flight.load(Ordering::Relaxed),
                 queue_len: queue_len(rt.backend),
-                unavailable: rt.breaker.lock().unwrap_or_else(|p| p.into_inner()).is_open(now),
+                unavailable: rt
+                    .breaker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_open(now),
                 gpu_util_pct: gpu_util(cfg),
                 pool: None,
             })
@@ -124,11 +128,18 @@ impl RouteRuntime {
     }
 
     pub fn breaker_allows(&self, arm: usize, now: Instant) -> bool {
-        self.arms[arm].breaker.lock().unwrap_or_else(|p| p.into_inner()).try_acquire(now)
+        self.arms[arm]
+            .breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_acquire(now)
     }
 
     pub fn record(&self, arm: usize, success: bool, now: Instant) {
-        let mut b = self.arms[arm].breaker.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = self.arms[arm]
+            .breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if success {
             b.on_success();
         } else {
@@ -137,10 +148,16 @@ impl RouteRuntime {
     }
 
     pub fn on_request(&self, now: Instant) {
-        self.retries.lock().unwrap_or_else(|p| p.into_inner()).on_request(now);
+        self.retries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on_request(now);
     }
 
     pub fn try_retry(&self, now: Instant) -> bool {
-        self.retries.lock().unwrap_or_else(|p| p.into_inner()).try_retry(now)
+        self.retries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_retry(now)
     }
 }

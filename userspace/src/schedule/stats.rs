@@ -22,7 +22,7 @@ impl RejectReason {
     ];
 
     /// Metric label.
-    pub fn as_str(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             RejectReason::QueueFull => "queue_full",
             RejectReason::BackendSaturated => "backend_saturated",

@@ -1,0 +1,163 @@
+//! The loop that pushes userspace pressure down to the kernel edge.
+//!
+//! Every tick it reads the latest GPU sample and every scheduler's queue
+//! fullness, turns them into one admission ratio per class — the stricter of
+//! the GPU shedding table ([`ShedController`]) and the queue controller
+//! ([`AdmissionController`]), both with hysteresis — and writes the ratios
+//! that changed into the kernel's `ADMISSION` map, the raw GPU load into
+//! `GPU_LOAD`, and both into `/metrics`. Policy lives here; the kernel only
+//! applies the numbers.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use kedge_common::ADMIT_ALL;
+use tokio::sync::watch;
+
+use crate::{
+    config::Loaded,
+    gpu::{GpuSample, ShedController},
+    kernel::KernelEdge,
+    metrics::Metrics,
+    proxy::Proxy,
+    schedule::AdmissionController,
+};
+
+/// How often pressure is re-evaluated.
+pub const TICK: Duration = Duration::from_millis(250);
+
+pub struct Feedback {
+    cfg: Arc<Loaded>,
+    kernel: Option<Arc<Mutex<KernelEdge>>>,
+    metrics: Arc<Metrics>,
+    proxy: Arc<Proxy>,
+    gpu: watch::Receiver<Vec<GpuSample>>,
+    shed: ShedController,
+    queues: AdmissionController,
+    /// What the kernel was last told, per class.
+    written: Vec<u32>,
+}
+
+impl Feedback {
+    pub fn new(
+        cfg: Arc<Loaded>,
+        kernel: Option<Arc<Mutex<KernelEdge>>>,
+        metrics: Arc<Metrics>,
+        proxy: Arc<Proxy>,
+        gpu: watch::Receiver<Vec<GpuSample>>,
+    ) -> Feedback {
+        let classes = cfg.raw.classes.len();
+        Feedback {
+            shed: ShedController::new(&cfg.raw.gpu),
+            queues: AdmissionController::new(cfg.schedule.feedback.clone(), classes),
+            written: vec![ADMIT_ALL; classes],
+            cfg,
+            kernel,
+            metrics,
+            proxy,
+            gpu,
+        }
+    }
+
+    /// Runs until `stop` flips.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        for (class, c) in self.cfg.raw.classes.iter().enumerate() {
+            let _ = class;
+            self.metrics
+                .admission
+                .with_label_values(&[c.name.get_ref()])
+                .set(ADMIT_ALL as i64);
+        }
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.tick(Instant::now()),
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        let samples = self.gpu.borrow().clone();
+        for s in &samples {
+            let gpu = s.index.to_string();
+            self.metrics
+                .gpu_utilization
+                .with_label_values(&[&gpu])
+                .set(s.utilization_pct as f64 / 100.0);
+            self.metrics
+                .gpu_memory_used
+                .with_label_values(&[&gpu])
+                .set(s.memory_used_bytes as f64);
+            self.metrics
+                .gpu_memory_total
+                .with_label_values(&[&gpu])
+                .set(s.memory_total_bytes as f64);
+        }
+
+        // Queue fullness per class: the worst backend decides.
+        let classes = self.cfg.raw.classes.len();
+        let mut fullness = vec![0.0f64; classes];
+        for (backend, gate) in self.proxy.gates() {
+            let stats = gate.stats();
+            self.metrics
+                .queue_in_flight
+                .with_label_values(&[backend])
+                .set(stats.in_flight as i64);
+            for (class, c) in stats.classes.iter().enumerate().take(classes) {
+                self.metrics
+                    .queue_depth
+                    .with_label_values(&[backend, self.cfg.class_name(class as u32)])
+                    .set(c.queued as i64);
+            }
+            for (class, f) in gate.fullness().into_iter().enumerate().take(classes) {
+                fullness[class] = fullness[class].max(f);
+            }
+        }
+        self.queues.update(now, &fullness);
+
+        let hottest = samples.iter().map(|s| s.utilization_pct).max().unwrap_or(0);
+        let priorities: Vec<u8> = self.cfg.raw.classes.iter().map(|c| c.priority).collect();
+        let gpu_ratios = self.shed.update(hottest, &priorities);
+        let wanted: Vec<u32> = (0..classes)
+            .map(|c| gpu_ratios[c].min(self.queues.ratios()[c]))
+            .collect();
+
+        let mut kernel = self
+            .kernel
+            .as_ref()
+            .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(k) = kernel.as_mut() {
+            for s in &samples {
+                if let Err(e) = k.set_gpu_load(
+                    s.index,
+                    s.utilization_pct,
+                    s.memory_used_bytes,
+                    s.memory_total_bytes,
+                ) {
+                    tracing::debug!(error = %e, "writing GPU_LOAD");
+                }
+            }
+        }
+        for (class, &ratio) in wanted.iter().enumerate() {
+            if ratio == self.written[class] {
+                continue;
+            }
+            let name = self.cfg.class_name(class as u32).to_string();
+            tracing::info!(class = %name, from = self.written[class], to = ratio, gpu_util = hottest, "admission ratio changed");
+            if let Some(k) = kernel.as_mut()
+                && let Err(e) = k.set_admission(class as u32, ratio)
+            {
+                tracing::warn!(error = %e, "writing ADMISSION");
+                continue;
+            }
+            self.written[class] = ratio;
+            self.metrics
+                .admission
+                .with_label_values(&[&name])
+                .set(ratio as i64);
+        }
+    }
+}
