@@ -357,7 +357,7 @@ impl Kedge {
 
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
         .find(|l| {
             labels
                 .iter()
@@ -408,4 +408,64 @@ pub fn build_fake_nvml(dir: &std::path::Path, state: &std::path::Path) -> Option
         String::from_utf8_lossy(&out.stderr)
     );
     Some(lib)
+}
+
+/// `kedge-sim`, the simulated OpenAI-compatible GPU server, on a free port.
+pub struct Sim {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Sim {
+    pub fn start(args: &[&str]) -> Sim {
+        let port = free_port("127.0.0.1");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kedge-sim"))
+            .args(["--listen", &addr.to_string()])
+            .args(args)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kedge-sim starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "kedge-sim did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sim { addr, child }
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A blocking HTTP/1.0 POST of JSON; returns status line + headers + body.
+pub fn http_post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.0\r\nhost: kedge\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }

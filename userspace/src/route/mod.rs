@@ -262,6 +262,8 @@ pub enum Reason {
     ContextTooLong,
     GpuSaturated,
     LocalQueueLong,
+    /// Every local arm that could take the request has an open breaker.
+    LocalUnavailable,
     /// The cloud was wanted but its budget is spent: queue for local.
     CloudBudgetSpent,
     /// The cloud was wanted, its budget is spent, but the class may override.
@@ -278,6 +280,7 @@ impl Reason {
             Reason::ContextTooLong => "context_too_long",
             Reason::GpuSaturated => "gpu_saturated",
             Reason::LocalQueueLong => "local_queue_long",
+            Reason::LocalUnavailable => "local_unavailable",
             Reason::CloudBudgetSpent => "cloud_budget_spent",
             Reason::CloudOverride => "cloud_override",
             Reason::Score => "score",
@@ -323,8 +326,19 @@ pub fn plan(route: &RouteConfig, req: &RouteRequest, states: &[ArmState], rotati
             reason: Reason::NoArm,
         };
     }
+    let local_down = !route
+        .arms
+        .iter()
+        .enumerate()
+        .any(|(i, a)| a.kind == ArmKind::Local && a.fits(req) && fitting.contains(&i))
+        && route
+            .arms
+            .iter()
+            .any(|a| a.kind == ArmKind::Local && a.fits(req));
     match route.policy {
-        PolicyKind::LocalFirst => plan_local_first(route, req, states, &fitting, rotation),
+        PolicyKind::LocalFirst => {
+            plan_local_first(route, req, states, &fitting, rotation, local_down)
+        }
         PolicyKind::Score => plan_by_score(route, req, states, &fitting, rotation),
     }
 }
@@ -335,6 +349,7 @@ fn plan_local_first(
     states: &[ArmState],
     fitting: &[usize],
     rotation: usize,
+    local_down: bool,
 ) -> Plan {
     let of_kind = |kind| -> Vec<usize> {
         let arms: Vec<usize> = fitting
@@ -348,7 +363,9 @@ fn plan_local_first(
     let cloud = of_kind(ArmKind::Cloud);
     let state = |i: usize| states.get(i).cloned().unwrap_or_default();
 
-    let want_cloud = if local.is_empty() || req.prompt_tokens > route.cloud_context_threshold {
+    let want_cloud = if local_down {
+        Some(Reason::LocalUnavailable)
+    } else if local.is_empty() || req.prompt_tokens > route.cloud_context_threshold {
         Some(Reason::ContextTooLong)
     } else if local.iter().all(|&i| {
         state(i)
@@ -663,7 +680,7 @@ mod tests {
         s[1].unavailable = true;
         let p = plan(&r, &req(100), &s, 0);
         assert_eq!(p.order, vec![2]);
-        assert_eq!(p.reason, Reason::ContextTooLong, "no local arm left");
+        assert_eq!(p.reason, Reason::LocalUnavailable, "no local arm left");
         s[2].unavailable = true;
         assert_eq!(plan(&r, &req(100), &s, 0).reason, Reason::NoArm);
     }
