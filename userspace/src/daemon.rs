@@ -100,6 +100,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         metrics,
         kernel: kernel.clone(),
         config: cfg.clone(),
+        proxy: proxy.clone(),
     });
     let proxy_task = tokio::spawn(proxy.serve(listener, acceptor, stop_rx.clone()));
     let admin_task = tokio::spawn(admin.serve(admin_listener, stop_rx));

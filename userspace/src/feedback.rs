@@ -97,31 +97,13 @@ impl Feedback {
                 .set(s.memory_total_bytes as f64);
         }
 
-        // Queue fullness per class: the worst backend decides.
-        let classes = self.cfg.raw.classes.len();
-        let mut fullness = vec![0.0f64; classes];
-        for (backend, gate) in self.proxy.gates() {
-            let stats = gate.stats();
-            self.metrics
-                .queue_in_flight
-                .with_label_values(&[backend])
-                .set(stats.in_flight as i64);
-            for (class, c) in stats.classes.iter().enumerate().take(classes) {
-                self.metrics
-                    .queue_depth
-                    .with_label_values(&[backend, self.cfg.class_name(class as u32)])
-                    .set(c.queued as i64);
-            }
-            for (class, f) in gate.fullness().into_iter().enumerate().take(classes) {
-                fullness[class] = fullness[class].max(f);
-            }
-        }
+        let fullness = observe_queues(&self.proxy, &self.metrics, &self.cfg);
         self.queues.update(now, &fullness);
 
         let hottest = samples.iter().map(|s| s.utilization_pct).max().unwrap_or(0);
         let priorities: Vec<u8> = self.cfg.raw.classes.iter().map(|c| c.priority).collect();
         let gpu_ratios = self.shed.update(hottest, &priorities);
-        let wanted: Vec<u32> = (0..classes)
+        let wanted: Vec<u32> = (0..self.cfg.raw.classes.len())
             .map(|c| gpu_ratios[c].min(self.queues.ratios()[c]))
             .collect();
 
@@ -160,4 +142,48 @@ impl Feedback {
                 .set(ratio as i64);
         }
     }
+}
+
+/// Refreshes the queue gauges from every scheduler and returns each class's
+/// fullness (the worst backend decides). Also called on each `/metrics` scrape,
+/// so the gauges are current, not one tick old.
+pub fn observe_queues(proxy: &Proxy, metrics: &Metrics, cfg: &Loaded) -> Vec<f64> {
+    let classes = cfg.raw.classes.len();
+    let mut fullness = vec![0.0f64; classes];
+    for (backend, gate) in proxy.gates() {
+        let stats = gate.stats();
+        metrics
+            .queue_in_flight
+            .with_label_values(&[backend])
+            .set(stats.in_flight as i64);
+        for (class, c) in stats.classes.iter().enumerate().take(classes) {
+            metrics
+                .queue_depth
+                .with_label_values(&[backend, cfg.class_name(class as u32)])
+                .set(c.queued as i64);
+        }
+        for (class, f) in gate.fullness().into_iter().enumerate().take(classes) {
+            fullness[class] = fullness[class].max(f);
+        }
+    }
+    fullness
+}
+
+/// The daemon's own view for `kedge status`: every queue.
+pub fn status(proxy: &Proxy, cfg: &Loaded) -> serde_json::Value {
+    let mut queues = Vec::new();
+    for (backend, gate) in proxy.gates() {
+        let stats = gate.stats();
+        for (class, c) in stats.classes.iter().enumerate() {
+            queues.push(serde_json::json!({
+                "backend": backend,
+                "class": cfg.class_name(class as u32),
+                "depth": c.queued,
+                "in_flight": c.in_flight,
+                "admitted": c.admitted,
+                "rejected": c.rejected.iter().sum::<u64>(),
+            }));
+        }
+    }
+    serde_json::json!({ "queues": queues })
 }

@@ -19,7 +19,7 @@ use prometheus::{
 };
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{config::Loaded, kernel::KernelEdge};
+use crate::{config::Loaded, kernel::KernelEdge, proxy::Proxy};
 
 pub struct Metrics {
     registry: Registry,
@@ -264,12 +264,20 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub kernel: Option<Arc<Mutex<KernelEdge>>>,
     pub config: Arc<Loaded>,
+    pub proxy: Arc<Proxy>,
 }
 
 impl Admin {
     fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         match req.uri().path() {
+            "/status" => Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(
+                    crate::feedback::status(&self.proxy, &self.config).to_string(),
+                )))
+                .expect("valid response"),
             "/metrics" => {
+                crate::feedback::observe_queues(&self.proxy, &self.metrics, &self.config);
                 if let Some(kernel) = &self.kernel {
                     let totals = kernel.lock().unwrap_or_else(|p| p.into_inner()).counters();
                     match totals {
