@@ -231,3 +231,50 @@ fn gpu_load_from_nvml_moves_traffic_and_sets_admission() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn gpu_pressure_reaches_the_kernel_admission_map() {
+    require_kernel!();
+    let dir = std::env::temp_dir().join(format!("kedge-routing-kgpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("state");
+    std::fs::write(&state, "20 1000 8000\n").unwrap();
+    let Some(lib) = support::build_fake_nvml(&dir, &state) else {
+        eprintln!("skipped: no C compiler for the fake NVML library");
+        return;
+    };
+    let net = support::TestNet::new(&[2]);
+    let local = Sim::start(&["--decode-ms-per-token", "0", "--ttft-ms", "0"]);
+    let cloud = Sim::start(&["--decode-ms-per-token", "0", "--ttft-ms", "0"]);
+    let gpu = format!(
+        "[gpu]\nsource = \"nvml\"\nnvml_library = \"{}\"\ninterval_ms = 20\n\
+         [[gpu.shed]]\nabove_pct = 90\nmin_priority = 3\nadmit_permille = 200\n",
+        lib.display()
+    );
+    let cfg = config(&local.addr.to_string(), cloud.addr, "", &gpu).replace(
+        "[kernel]\nattach = \"off\"",
+        &format!("[kernel]\ninterface = \"{}\"\nattach = \"tc\"\npin_root = \"{{pin_root}}\"", net.host_if),
+    );
+    let kedge = Kedge::start(&cfg);
+    let status = || -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kedge"))
+            .args(["status", "--json", "--config"])
+            .arg(&kedge.config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let batch_admission = |s: &serde_json::Value| {
+        s["classes"].as_array().unwrap().iter().find(|c| c["name"] == "batch").unwrap()["admit_permille"].as_u64()
+    };
+    wait_until(Duration::from_secs(5), "GPU_LOAD at 20%", || status()["gpus"][0]["utilization_pct"] == 20);
+    assert_eq!(batch_admission(&status()), Some(1000));
+    std::fs::write(&state, "97 7900 8000\n").unwrap();
+    wait_until(Duration::from_secs(5), "ADMISSION for batch at 200", || batch_admission(&status()) == Some(200));
+    let s = status();
+    assert_eq!(s["gpus"][0]["utilization_pct"], 97, "{s}");
+    let interactive = s["classes"].as_array().unwrap().iter().find(|c| c["name"] == "interactive").unwrap();
+    assert_eq!(interactive["admit_permille"], 1000, "{s}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
