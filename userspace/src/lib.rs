@@ -4,9 +4,11 @@
 //! [`config`] → [`kernel`] (load, attach, pin, maps) → [`proxy`] (accept, tag,
 //! forward) → [`metrics`]. [`daemon`] wires them together for `kedge run`.
 
+pub mod budget;
 pub mod cidr;
 pub mod config;
 pub mod daemon;
 pub mod kernel;
+pub mod ledger;
 pub mod metrics;
 pub mod proxy;
