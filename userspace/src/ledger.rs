@@ -510,10 +510,11 @@ pub fn format_usage_table(rows: &[UsageRow]) -> String {
         for (c, cell) in row.iter().enumerate() {
             let w = widths[c];
             // Names left-aligned, numbers right-aligned.
+            let gap = if c == 0 { "" } else { "  " };
             let _ = if c < 2 {
-                write!(out, "{cell:<w$}")
+                write!(out, "{gap}{cell:<w$}")
             } else {
-                write!(out, "  {cell:>w$}")
+                write!(out, "{gap}{cell:>w$}")
             };
         }
         out.push('\n');

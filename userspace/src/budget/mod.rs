@@ -772,7 +772,7 @@ impl Budget {
         subject: Subject,
         estimate: Estimate,
         now: Timestamp,
-    ) -> Result<Reservation, Refusal> {
+    ) -> Result<Reservation, Box<Refusal>> {
         let output_allowance = self.output_allowance(estimate.max_output_tokens);
         let charge = Charge {
             requests: 1,
@@ -793,14 +793,14 @@ impl Budget {
             .max_by_key(|(_, wait)| wait.unwrap_or(Duration::MAX));
         if let Some((i, retry_after)) = binding {
             let l = &e.limits[i];
-            return Err(Refusal {
+            return Err(Box::new(Refusal {
                 scope: l.scope.clone(),
                 kind: l.kind,
                 limit: l.max,
                 remaining: l.remaining(),
                 retry_after,
                 headers: e.headers(&ix, now),
-            });
+            }));
         }
         let holds = ix
             .iter()

@@ -632,13 +632,16 @@ struct Outcome {
     max_in_flight: usize,
 }
 
-/// 256 threads reserve against one tenant until each is refused; the clock
-/// stays inside one day so the day budget is what binds. `actual` draws a
-/// completion length for a request that reserved `allowance`.
+/// 256 threads reserve against one tenant at once and hold their reservations
+/// until all 256 have tried (256 truly concurrent reservations), then keep
+/// going until each is refused. The clock stays inside one day, so the day
+/// budgets are what bind. `actual` draws a completion length for a request
+/// that reserved `allowance`.
 fn hammer(b: Arc<Budget>, max_tokens: Option<u64>, actual: fn(&mut u64, u64) -> u64) -> Outcome {
     const THREADS: usize = 256;
     const PRICE_MICROS: u64 = 2; // per token
     let start = Arc::new(Barrier::new(THREADS));
+    let all_reserved = Arc::new(Barrier::new(THREADS));
     let tokens = Arc::new(AtomicU64::new(0));
     let micros = Arc::new(AtomicU64::new(0));
     let refusals = Arc::new(AtomicU64::new(0));
@@ -652,6 +655,7 @@ fn hammer(b: Arc<Budget>, max_tokens: Option<u64>, actual: fn(&mut u64, u64) -> 
                 (b.clone(), start.clone(), tokens.clone(), micros.clone());
             let (refusals, admitted) = (refusals.clone(), admitted.clone());
             let (in_flight, max_in_flight) = (in_flight.clone(), max_in_flight.clone());
+            let all_reserved = all_reserved.clone();
             thread::spawn(move || {
                 let mut rng = 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1);
                 start.wait();
@@ -664,14 +668,21 @@ fn hammer(b: Arc<Budget>, max_tokens: Option<u64>, actual: fn(&mut u64, u64) -> 
                         max_output_tokens: max_tokens,
                         cost_micros: (prompt + allowance) * PRICE_MICROS,
                     };
-                    let Ok(r) = b.reserve(tenant("a"), estimate, now) else {
+                    let reserved = b.reserve(tenant("a"), estimate, now);
+                    if reserved.is_ok() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                        let n = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        max_in_flight.fetch_max(n, Ordering::SeqCst);
+                    }
+                    if step == 0 {
+                        all_reserved.wait();
+                    } else {
+                        thread::yield_now(); // let others reserve while this one "streams"
+                    }
+                    let Ok(r) = reserved else {
                         refusals.fetch_add(1, Ordering::Relaxed);
                         return;
                     };
-                    admitted.fetch_add(1, Ordering::Relaxed);
-                    let n = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                    max_in_flight.fetch_max(n, Ordering::SeqCst);
-                    thread::yield_now(); // let others reserve while this one "streams"
                     let completion = actual(&mut rng, allowance);
                     let usage = Usage {
                         prompt_tokens: prompt,
@@ -699,18 +710,18 @@ fn hammer(b: Arc<Budget>, max_tokens: Option<u64>, actual: fn(&mut u64, u64) -> 
     }
 }
 
-const HARD_DAY: &str = r#"
-default_output_cap = 256
-[[tenant]]
-name = "a"
-tokens_per_day = { max = 200000 }
-money_per_day = { max = "0.30" }
-"#;
+fn hard_day(money: &str) -> String {
+    format!(
+        "default_output_cap = 256\n[[tenant]]\nname = \"a\"\n\
+         tokens_per_day = {{ max = 60000 }}\nmoney_per_day = {{ max = \"{money}\" }}"
+    )
+}
 
 #[test]
 fn concurrent_reservations_never_exceed_a_hard_budget_with_max_tokens() {
     let t0 = t("2026-05-04T08:00:00Z");
-    let b = Arc::new(budget(HARD_DAY, t0));
+    // Money (2 µ$ a token) and tokens bind at about the same point.
+    let b = Arc::new(budget(&hard_day("0.12"), t0));
     // Completions anywhere in [0, max_tokens].
     let out = hammer(b.clone(), Some(800), |rng, allowance| {
         xorshift(rng) % (allowance + 1)
@@ -739,6 +750,10 @@ fn concurrent_reservations_never_exceed_a_hard_budget_with_max_tokens() {
     let day = s(LimitKind::TokensPerDay);
     assert_eq!((day.used, day.in_flight), (out.committed_tokens, 0));
     assert_eq!(s(LimitKind::MoneyPerDay).used, out.committed_micros);
+    println!(
+        "max_tokens given: {} admitted, max {} in flight, committed {} of 60000 tokens, {} of 120000 µ$",
+        out.admitted, out.max_in_flight, out.committed_tokens, out.committed_micros
+    );
 }
 
 #[test]
@@ -746,13 +761,14 @@ fn without_max_tokens_the_overshoot_stays_within_the_stated_bound() {
     // The model may write up to 1024 tokens although 256 were reserved.
     const MODEL_MAX_OUTPUT: u64 = 1024;
     let t0 = t("2026-05-04T08:00:00Z");
-    let b = Arc::new(budget(HARD_DAY, t0));
+    // Money is generous here, so the token limit is what binds.
+    let b = Arc::new(budget(&hard_day("1.00"), t0));
     let out = hammer(b.clone(), None, |rng, _| {
         xorshift(rng) % (MODEL_MAX_OUTPUT + 1)
     });
     // Module docs: overshoot ≤ in_flight × (model_max_output − default_output_cap).
     let bound = out.max_in_flight as u64 * (MODEL_MAX_OUTPUT - 256);
-    let overshoot = out.committed_tokens.saturating_sub(200_000);
+    let overshoot = out.committed_tokens.saturating_sub(60_000);
     assert!(
         overshoot <= bound,
         "overshoot {overshoot} tokens > bound {bound} (max in flight {})",
