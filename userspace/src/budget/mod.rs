@@ -56,7 +56,23 @@
 //!   everything admitted earlier is already inside the limit, and only those
 //!   outstanding can still grow. Money limits likewise, priced per token.
 //!   After an overshoot the limit refuses until the excess has drained
-//!   (smooth) or the window ends (calendar).
+//!   (smooth) or the window ends (calendar). A prompt estimate below the real
+//!   prompt adds its shortfall to the bound.
+//!
+//! # Alerts
+//!
+//! Each limit alerts when committed usage crosses one of `alert_fractions`
+//! and when it reaches the limit (threshold 1000 ‰; for a hard limit also its
+//! first refusal), each once per window: per calendar window, or once per
+//! period for smooth buckets. [`Budget::take_alerts`] hands them over.
+//!
+//! # Windows
+//!
+//! Per-minute limits (and a pool's per-day limits, like the providers') are
+//! debt-capable token buckets refilling continuously; tenant and key day and
+//! month limits, and money caps, are calendar windows in `timezone` (a DST day
+//! has 23 or 25 hours). One `Mutex` guards all state: every call is a few
+//! map lookups and integer operations, never I/O.
 
 mod config;
 mod headers;
@@ -581,10 +597,7 @@ impl LimitState {
         out: &mut Vec<Alert>,
     ) {
         let used = self.committed();
-        let silence = match &self.meter {
-            Meter::Smooth(b) => now.checked_add(b.period()).unwrap_or(Timestamp::MAX),
-            Meter::Calendar(c) => c.window.end,
-        };
+        let silence = self.silence_until(now);
         for (i, &permille) in thresholds.iter().enumerate() {
             let crossed = used as u128 * 1000 >= self.max as u128 * permille as u128;
             let armed = self.silent_until[i].is_none_or(|until| now >= until);
@@ -603,6 +616,37 @@ impl LimitState {
                     });
                 }
             }
+        }
+    }
+}
+
+impl LimitState {
+    /// A hard limit refused a request: that is the limit reached (threshold
+    /// [`FULL`]) even if committed usage has not quite touched it, since what
+    /// is left cannot serve the request. Once per window, like the others.
+    fn alert_refused(&mut self, thresholds: &[u32], now: Timestamp, out: &mut Vec<Alert>) {
+        let full = thresholds.len() - 1;
+        if self.silent_until[full].is_none_or(|until| now >= until) {
+            self.silent_until[full] = Some(self.silence_until(now));
+            out.push(Alert {
+                scope: self.scope.clone(),
+                kind: self.kind,
+                hard: self.hard,
+                threshold_permille: FULL,
+                used: self.used(),
+                limit: self.max,
+                window_end: self.window_end(),
+                at: now,
+            });
+        }
+    }
+
+    /// When an alert fired now may fire again: the end of the calendar
+    /// window, or one period later for a smooth bucket.
+    fn silence_until(&self, now: Timestamp) -> Timestamp {
+        match &self.meter {
+            Meter::Smooth(b) => now.checked_add(b.period()).unwrap_or(Timestamp::MAX),
+            Meter::Calendar(c) => c.window.end,
         }
     }
 }
@@ -792,6 +836,9 @@ impl Budget {
             .map(|(i, l)| (i, l.wait_for(charge.of(l.kind.measure()), now)))
             .max_by_key(|(_, wait)| wait.unwrap_or(Duration::MAX));
         if let Some((i, retry_after)) = binding {
+            let mut alerts = Vec::new();
+            e.limits[i].alert_refused(&self.thresholds, now, &mut alerts);
+            e.alerts.extend(alerts);
             let l = &e.limits[i];
             return Err(Box::new(Refusal {
                 scope: l.scope.clone(),

@@ -330,6 +330,55 @@ fn hard_limits_refuse_and_alert_at_the_limit_once() {
 }
 
 #[test]
+fn a_refused_hard_limit_alerts_once_per_window() {
+    let t0 = t("2026-05-04T08:00:00Z");
+    let b = budget(
+        "alert_fractions = [0.5]\n[[tenant]]\nname = \"a\"\ntokens_per_day = { max = 1000 }",
+        t0,
+    );
+    let r = b.reserve(tenant("a"), est(700, 0), t0).unwrap();
+    b.commit(r, used(700), t0);
+    assert_eq!(
+        b.take_alerts()
+            .iter()
+            .map(|a| a.threshold_permille)
+            .collect::<Vec<_>>(),
+        [500]
+    );
+    // 300 left: a request for 400 is refused; that is the limit reached.
+    for _ in 0..3 {
+        assert!(b.reserve(tenant("a"), est(400, 0), t0).is_err());
+    }
+    let alerts = b.take_alerts();
+    assert_eq!(alerts.len(), 1, "once, not per refused request: {alerts:?}");
+    assert_eq!(
+        (alerts[0].threshold_permille, alerts[0].used, alerts[0].hard),
+        (1000, 700, true)
+    );
+    let tomorrow = t("2026-05-05T08:00:00Z");
+    let r = b.reserve(tenant("a"), est(1000, 0), tomorrow).unwrap();
+    b.commit(r, used(1000), tomorrow);
+    assert!(b.reserve(tenant("a"), est(1, 0), tomorrow).is_err());
+    let fired: Vec<_> = b
+        .take_alerts()
+        .iter()
+        .map(|a| a.threshold_permille)
+        .collect();
+    assert_eq!(
+        fired,
+        [500, 1000],
+        "a new window, armed again; reaching it and refusing is one alert"
+    );
+}
+
+#[test]
+fn budget_and_ledger_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Budget>();
+    shared::<crate::ledger::Ledger>();
+}
+
+#[test]
 fn keys_and_pools_are_all_or_nothing_with_the_tenant() {
     let text = r#"
 [[tenant]]

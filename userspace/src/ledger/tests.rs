@@ -434,8 +434,14 @@ fn a_killed_writer_loses_at_most_one_window() {
             killed_at - *at
         );
     }
+    let oldest_loss = lost
+        .iter()
+        .map(|(_, at)| killed_at - *at)
+        .max()
+        .unwrap_or_default();
     println!(
-        "killed after {} rows: {} on disk, {} lost (window {KILL_WINDOW_MS} ms)",
+        "killed after {} rows: {} on disk, {} lost, the oldest recorded {oldest_loss:?} before the kill \
+         (window {KILL_WINDOW_MS} ms)",
         announced.len(),
         kept,
         lost.len()
