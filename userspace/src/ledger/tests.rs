@@ -447,3 +447,36 @@ fn a_killed_writer_loses_at_most_one_window() {
         lost.len()
     );
 }
+
+#[test]
+fn rebuild_keeps_the_calendar_day_apart_on_a_25_hour_day() {
+    // 2026-10-25 in Berlin has 25 hours (22:00 UTC on the 24th to 23:00 UTC
+    // on the 25th). At 23:30 local the rolling 24 h of a pool reaches back to
+    // 00:30 local, so rows before it are aggregated, but the day began earlier.
+    let text = r#"
+timezone = "Europe/Berlin"
+[[tenant]]
+name = "a"
+tokens_per_day = { max = 1000000 }
+[[pool]]
+backend = "local"
+tokens_per_day = { max = 1000000 }
+"#;
+    let cfg: BudgetConfig = toml::from_str(text).unwrap();
+    let dir = TempDir::new();
+    let ledger = Ledger::open(&config(dir.db(), 5)).unwrap();
+    let yesterday = t("2026-10-24T21:50:00Z"); // 23:50 CEST on the 24th
+    let today = t("2026-10-24T22:10:00Z"); // 00:10 CEST on the 25th
+    ledger.record(record(1, "a", "/v1/completions", (300, 0), 0, yesterday));
+    ledger.record(record(2, "a", "/v1/completions", (40, 2), 0, today));
+    ledger.close().unwrap();
+    let now = t("2026-10-25T22:30:00Z");
+    let b = Budget::new(&cfg, now).unwrap();
+    assert_eq!(rebuild(&dir.db(), &b, now).unwrap(), 2);
+    let day = b
+        .status(now)
+        .into_iter()
+        .find(|s| s.scope == Scope::Tenant("a".into()))
+        .unwrap();
+    assert_eq!(day.used, 42, "only today's row counts for today");
+}
