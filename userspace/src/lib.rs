@@ -5,6 +5,7 @@
 //! [`classify`], route, forward, [`openai`] protocol, [`sse`] streams, [`tokens`])
 //! → [`metrics`]. [`daemon`] wires them together for `kedge run`.
 
+pub mod budget;
 pub mod cidr;
 pub mod classify;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod daemon;
 pub mod feedback;
 pub mod gpu;
 pub mod kernel;
+pub mod ledger;
 pub mod metrics;
 pub mod notify;
 pub mod openai;

@@ -1,0 +1,482 @@
+//! The ledger against real SQLite files: group commit, flush, rebuild after
+//! reopen, and a writer killed outright in a child process.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    sync::atomic::AtomicUsize,
+};
+
+use super::*;
+use crate::budget::{BudgetConfig, Estimate, LimitKind, LimitStatus, Scope, Subject};
+
+/// A directory removed on drop, even when the test fails.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kedge-ledger-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn db(&self) -> PathBuf {
+        self.0.join("ledger.sqlite")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(path: PathBuf, window_ms: u64) -> LedgerConfig {
+    LedgerConfig {
+        path,
+        group_commit_ms: Spanned::new(0..0, window_ms),
+    }
+}
+
+fn t(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+fn record(
+    id: u64,
+    tenant: &str,
+    route: &str,
+    tokens: (u64, u64),
+    micros: u64,
+    started: Timestamp,
+) -> UsageRecord {
+    UsageRecord {
+        request_id: format!("req-{id}"),
+        tenant: tenant.into(),
+        api_key: None,
+        route: route.into(),
+        backend: "local".into(),
+        model: "llama".into(),
+        usage: Usage {
+            prompt_tokens: tokens.0,
+            completion_tokens: tokens.1,
+            cached_tokens: tokens.0 / 2,
+            cost_micros: micros,
+        },
+        started,
+        finished: started + Duration::from_secs(2),
+    }
+}
+
+fn count(path: &Path) -> u64 {
+    open_reader(path)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM usage", [], |r| r.get::<_, i64>(0))
+        .unwrap() as u64
+}
+
+#[test]
+fn rows_queued_within_one_window_share_one_transaction() {
+    let dir = TempDir::new();
+    let window = Duration::from_millis(200);
+    let ledger = Ledger::open(&config(dir.db(), 200)).unwrap();
+    let now = t("2026-05-04T10:00:00Z");
+    let start = Instant::now();
+    for i in 0..50 {
+        ledger.record(record(i, "a", "/v1/chat/completions", (10, 5), 30, now));
+    }
+    let enqueued_in = start.elapsed();
+    // Watch from another connection until the rows appear.
+    let mut seen = BTreeSet::new();
+    let visible_after = loop {
+        let n = count(&dir.db());
+        seen.insert(n);
+        if n == 50 {
+            break start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "rows never became visible"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(
+        visible_after >= window,
+        "written after {visible_after:?}, before the window closed"
+    );
+    assert_eq!(
+        seen,
+        BTreeSet::from([0, 50]),
+        "all or nothing: one transaction"
+    );
+    if enqueued_in < window {
+        assert_eq!(
+            ledger.stats().transactions,
+            1,
+            "one window, one transaction"
+        );
+    }
+    assert_eq!(ledger.stats().rows, 50);
+    ledger.close().unwrap();
+}
+
+#[test]
+fn flush_writes_at_once_and_a_clean_stop_loses_nothing() {
+    let dir = TempDir::new();
+    let now = t("2026-05-04T10:00:00Z");
+    // A window far longer than the test: only flush and close can write.
+    let ledger = Ledger::open(&config(dir.db(), MAX_GROUP_COMMIT_MS)).unwrap();
+    for i in 0..300 {
+        ledger.record(record(i, "a", "/v1/completions", (1, 1), 1, now));
+    }
+    let start = Instant::now();
+    ledger.flush().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        count(&dir.db()),
+        300,
+        "flush returned before the rows were on disk"
+    );
+    for i in 300..500 {
+        ledger.record(record(i, "a", "/v1/completions", (1, 1), 1, now));
+    }
+    ledger.close().unwrap();
+    assert_eq!(count(&dir.db()), 500);
+    // Reopening appends; dropping without close drains the queue as well.
+    let ledger = Ledger::open(&config(dir.db(), MAX_GROUP_COMMIT_MS)).unwrap();
+    for i in 500..600 {
+        ledger.record(record(i, "b", "/v1/completions", (1, 1), 1, now));
+    }
+    drop(ledger);
+    assert_eq!(count(&dir.db()), 600);
+}
+
+const BUDGET: &str = r#"
+timezone = "Europe/Berlin"
+[[tenant]]
+name = "a"
+tokens_per_minute = { max = 15000 }
+tokens_per_day = { max = 10000000 }
+money_per_month = { max = "1000" }
+[[tenant.key]]
+id = "bot"
+tokens_per_day = { max = 1000000 }
+requests_per_minute = { max = 18 }
+[[tenant]]
+name = "b"
+tokens_per_month = { max = 10000000 }
+[[pool]]
+backend = "cloud"
+requests_per_minute = { max = 18 }
+tokens_per_day = { max = 5000000 }
+money_per_day = { max = "500" }
+"#;
+
+fn by_limit(status: Vec<LimitStatus>) -> Vec<((Scope, LimitKind), u64)> {
+    status
+        .into_iter()
+        .map(|s| ((s.scope, s.kind), s.used))
+        .collect()
+}
+
+#[test]
+fn a_rebuilt_budget_equals_the_one_that_recorded() {
+    let dir = TempDir::new();
+    let cfg: BudgetConfig = toml::from_str(BUDGET).unwrap();
+    let now = t("2026-06-01T20:00:00Z"); // 22:00 on June 1st in Berlin
+    // History from mid-May, one request every 97 minutes over two tenants, a
+    // key and two backends, then a burst of tenant a's key on the cloud pool
+    // every 3 s that ends 3 s ago, faster than the per-minute buckets drain
+    // (so they hold some at `now`).
+    let mut starts: Vec<Timestamp> = (0..300)
+        .map(|i| t("2026-05-13T00:00:00Z") + Duration::from_secs(97 * 60 * i))
+        .collect();
+    starts.retain(|s| *s < now - Duration::from_secs(600));
+    let burst_from = starts.len();
+    starts.extend((0..40).map(|i| now - Duration::from_secs(120) + Duration::from_secs(3 * i)));
+    let live = Budget::new(&cfg, starts[0]).unwrap();
+    let ledger = Ledger::open(&config(dir.db(), 20)).unwrap();
+    for (i, &started) in starts.iter().enumerate() {
+        let burst = i >= burst_from;
+        let tenant = if i % 3 == 0 && !burst { "b" } else { "a" };
+        let key = (i % 4 == 1 || burst).then_some("bot");
+        let backend = if i % 2 == 0 || burst {
+            "cloud"
+        } else {
+            "local"
+        };
+        let (prompt, completion) = (100 + (i as u64 * 37) % 900, (i as u64 * 53) % 700);
+        let subject = Subject {
+            tenant,
+            api_key: key,
+            backend: Some(backend),
+        };
+        let estimate = Estimate {
+            prompt_tokens: prompt,
+            max_output_tokens: Some(700),
+            cost_micros: (prompt + 700) * 3,
+        };
+        let r = live
+            .reserve(subject, estimate, started)
+            .expect("the limits are generous");
+        let usage = Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: 0,
+            cost_micros: (prompt + completion) * 3,
+        };
+        let finished = started + Duration::from_secs(2);
+        live.commit(r, usage, finished);
+        ledger.record(UsageRecord {
+            request_id: format!("req-{i}"),
+            tenant: tenant.into(),
+            api_key: key.map(str::to_owned),
+            route: "/v1/chat/completions".into(),
+            backend: backend.into(),
+            model: "m".into(),
+            usage,
+            started,
+            finished,
+        });
+    }
+    ledger.close().unwrap();
+
+    let rebuilt = Budget::new(&cfg, now).unwrap();
+    let rows = rebuild(&dir.db(), &rebuilt, now).unwrap();
+    let before_may = starts
+        .iter()
+        .filter(|s| **s >= t("2026-05-31T20:00:00Z"))
+        .count();
+    assert!(rows as usize >= before_may, "read back {rows} rows");
+    let want = by_limit(live.status(now));
+    let got = by_limit(rebuilt.status(now));
+    let mut calendar = 0;
+    for (((scope, kind), live_used), (_, rebuilt_used)) in want.iter().zip(&got) {
+        let smooth = matches!(
+            kind,
+            LimitKind::TokensPerMinute | LimitKind::RequestsPerMinute
+        ) || matches!((scope, kind), (Scope::Pool(_), LimitKind::TokensPerDay));
+        if smooth {
+            // Never below the truth, at most one full bucket above it.
+            let max = cfg_max(&cfg, scope, *kind);
+            assert!(
+                rebuilt_used >= live_used && *rebuilt_used <= live_used + max,
+                "{scope} {kind:?}: {rebuilt_used} vs {live_used}"
+            );
+        } else {
+            assert_eq!(rebuilt_used, live_used, "{scope} {kind:?}");
+            calendar += 1;
+        }
+    }
+    assert_eq!(calendar, 5, "every calendar limit was compared");
+    assert!(
+        want.iter().all(|(_, used)| *used > 0),
+        "every limit saw traffic: {want:?}"
+    );
+}
+
+fn cfg_max(cfg: &BudgetConfig, scope: &Scope, kind: LimitKind) -> u64 {
+    let b = Budget::new(cfg, Timestamp::UNIX_EPOCH).unwrap();
+    b.status(Timestamp::UNIX_EPOCH)
+        .into_iter()
+        .find(|s| &s.scope == scope && s.kind == kind)
+        .map(|s| s.limit)
+        .unwrap()
+}
+
+#[test]
+fn usage_report_sums_per_tenant_and_route_within_the_period() {
+    let dir = TempDir::new();
+    let ledger = Ledger::open(&config(dir.db(), 5)).unwrap();
+    let day = t("2026-05-04T00:00:00Z");
+    ledger.record(record(
+        1,
+        "team-a",
+        "/v1/chat/completions",
+        (100, 50),
+        1_250_000,
+        day,
+    ));
+    ledger.record(record(
+        2,
+        "team-a",
+        "/v1/chat/completions",
+        (10, 5),
+        15,
+        day + Duration::from_secs(60),
+    ));
+    ledger.record(record(3, "team-a", "/v1/embeddings", (400, 0), 400, day));
+    ledger.record(record(
+        4,
+        "team-b",
+        "/v1/chat/completions",
+        (7, 3),
+        20_000_000,
+        day,
+    ));
+    ledger.record(record(
+        5,
+        "team-b",
+        "/v1/chat/completions",
+        (9, 9),
+        9,
+        day - Duration::from_secs(1),
+    ));
+    ledger.close().unwrap();
+    let rows = usage_report(&dir.db(), day, day + Duration::from_secs(86_400)).unwrap();
+    let table = format_usage_table(&rows);
+    assert_eq!(
+        table,
+        "\
+TENANT  ROUTE                 REQUESTS  PROMPT  COMPLETION  CACHED        COST
+team-a  /v1/chat/completions         2     110          55      55   $1.250015
+team-a  /v1/embeddings               1     400           0     200     $0.0004
+team-b  /v1/chat/completions         1       7           3       3      $20.00
+TOTAL                                4     517          58     258  $21.250415
+"
+    );
+}
+
+const CHILD_ENV: &str = "KEDGE_LEDGER_KILL_CHILD";
+const KILL_WINDOW_MS: u64 = 50;
+
+/// In the child: record one row per millisecond, announcing each on stdout,
+/// until killed (or 60 s pass).
+fn record_until_killed(path: &str) {
+    let ledger = Ledger::open(&config(PathBuf::from(path), KILL_WINDOW_MS)).unwrap();
+    let mut out = std::io::stdout().lock();
+    let now = t("2026-05-04T10:00:00Z");
+    for i in 0..60_000 {
+        ledger.record(record(i, "a", "/v1/chat/completions", (1, 1), 1, now));
+        writeln!(out, "recorded {i}").unwrap();
+        out.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(1)); // the pace of the load, not a wait
+    }
+    std::process::exit(0);
+}
+
+#[test]
+fn a_killed_writer_loses_at_most_one_window() {
+    if let Ok(path) = std::env::var(CHILD_ENV) {
+        return record_until_killed(&path);
+    }
+    // Allowance for writing one transaction (with fsync) on a busy 2-core box.
+    const COMMIT_ALLOWANCE: Duration = Duration::from_millis(250);
+    let dir = TempDir::new();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "ledger::tests::a_killed_writer_loses_at_most_one_window",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, dir.db())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = Instant::now();
+    let mut announced = Vec::new(); // (row, when the parent read its line)
+    while announced.len() < 1500 {
+        let Some(Ok(line)) = lines.next() else { break };
+        if let Some(i) = line.strip_prefix("recorded ") {
+            announced.push((i.parse::<u64>().unwrap(), Instant::now()));
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+    }
+    let killed_at = Instant::now();
+    child.kill().unwrap(); // SIGKILL: no flush, no destructor
+    child.wait().unwrap();
+    assert_eq!(
+        announced.len(),
+        1500,
+        "the child did not record (see its output)"
+    );
+    // Lines still in the pipe were recorded before the kill too.
+    for line in lines.map_while(Result::ok) {
+        if let Some(i) = line.strip_prefix("recorded ") {
+            announced.push((i.parse().unwrap(), killed_at));
+        }
+    }
+
+    let present: BTreeSet<u64> = open_reader(&dir.db())
+        .unwrap()
+        .prepare("SELECT request_id FROM usage")
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|id| id.unwrap().trim_start_matches("req-").parse().unwrap())
+        .collect();
+    let kept = present.len() as u64;
+    assert_eq!(
+        present,
+        (0..kept).collect(),
+        "rows are kept in order, without holes"
+    );
+    let horizon = killed_at - (Duration::from_millis(KILL_WINDOW_MS) + COMMIT_ALLOWANCE);
+    let lost: Vec<_> = announced
+        .iter()
+        .filter(|(i, _)| !present.contains(i))
+        .collect();
+    for (i, at) in &lost {
+        assert!(
+            *at >= horizon,
+            "row {i} was recorded {:?} before the kill and lost",
+            killed_at - *at
+        );
+    }
+    let oldest_loss = lost
+        .iter()
+        .map(|(_, at)| killed_at - *at)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "killed after {} rows: {} on disk, {} lost, the oldest recorded {oldest_loss:?} before the kill \
+         (window {KILL_WINDOW_MS} ms)",
+        announced.len(),
+        kept,
+        lost.len()
+    );
+}
+
+#[test]
+fn rebuild_keeps_the_calendar_day_apart_on_a_25_hour_day() {
+    // 2026-10-25 in Berlin has 25 hours (22:00 UTC on the 24th to 23:00 UTC
+    // on the 25th). At 23:30 local the rolling 24 h of a pool reaches back to
+    // 00:30 local, so rows before it are aggregated, but the day began earlier.
+    let text = r#"
+timezone = "Europe/Berlin"
+[[tenant]]
+name = "a"
+tokens_per_day = { max = 1000000 }
+[[pool]]
+backend = "local"
+tokens_per_day = { max = 1000000 }
+"#;
+    let cfg: BudgetConfig = toml::from_str(text).unwrap();
+    let dir = TempDir::new();
+    let ledger = Ledger::open(&config(dir.db(), 5)).unwrap();
+    let yesterday = t("2026-10-24T21:50:00Z"); // 23:50 CEST on the 24th
+    let today = t("2026-10-24T22:10:00Z"); // 00:10 CEST on the 25th
+    ledger.record(record(1, "a", "/v1/completions", (300, 0), 0, yesterday));
+    ledger.record(record(2, "a", "/v1/completions", (40, 2), 0, today));
+    ledger.close().unwrap();
+    let now = t("2026-10-25T22:30:00Z");
+    let b = Budget::new(&cfg, now).unwrap();
+    assert_eq!(rebuild(&dir.db(), &b, now).unwrap(), 2);
+    let day = b
+        .status(now)
+        .into_iter()
+        .find(|s| s.scope == Scope::Tenant("a".into()))
+        .unwrap();
+    assert_eq!(day.used, 42, "only today's row counts for today");
+}
