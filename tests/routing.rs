@@ -253,7 +253,10 @@ fn gpu_pressure_reaches_the_kernel_admission_map() {
     );
     let cfg = config(&local.addr.to_string(), cloud.addr, "", &gpu).replace(
         "[kernel]\nattach = \"off\"",
-        &format!("[kernel]\ninterface = \"{}\"\nattach = \"tc\"\npin_root = \"{{pin_root}}\"", net.host_if),
+        &format!(
+            "[kernel]\ninterface = \"{}\"\nattach = \"tc\"\npin_root = \"{{pin_root}}\"",
+            net.host_if
+        ),
     );
     let kedge = Kedge::start(&cfg);
     let status = || -> serde_json::Value {
@@ -262,19 +265,38 @@ fn gpu_pressure_reaches_the_kernel_admission_map() {
             .arg(&kedge.config)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let batch_admission = |s: &serde_json::Value| {
-        s["classes"].as_array().unwrap().iter().find(|c| c["name"] == "batch").unwrap()["admit_permille"].as_u64()
+        s["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "batch")
+            .unwrap()["admit_permille"]
+            .as_u64()
     };
-    wait_until(Duration::from_secs(5), "GPU_LOAD at 20%", || status()["gpus"][0]["utilization_pct"] == 20);
+    wait_until(Duration::from_secs(5), "GPU_LOAD at 20%", || {
+        status()["gpus"][0]["utilization_pct"] == 20
+    });
     assert_eq!(batch_admission(&status()), Some(1000));
     std::fs::write(&state, "97 7900 8000\n").unwrap();
-    wait_until(Duration::from_secs(5), "ADMISSION for batch at 200", || batch_admission(&status()) == Some(200));
+    wait_until(Duration::from_secs(5), "ADMISSION for batch at 200", || {
+        batch_admission(&status()) == Some(200)
+    });
     let s = status();
     assert_eq!(s["gpus"][0]["utilization_pct"], 97, "{s}");
-    let interactive = s["classes"].as_array().unwrap().iter().find(|c| c["name"] == "interactive").unwrap();
+    let interactive = s["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "interactive")
+        .unwrap();
     assert_eq!(interactive["admit_permille"], 1000, "{s}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -291,6 +291,8 @@ impl Kedge {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("KEDGE_LOG", "info")
+            // The usage ledger's default home, as systemd's StateDirectory= sets it.
+            .env("STATE_DIRECTORY", &self.dir)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

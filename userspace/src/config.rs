@@ -17,6 +17,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
+    budget::BudgetConfig,
     cidr::Cidr,
     gpu::GpuConfig,
     route::{RouteConfig, RoutingConfig},
@@ -54,6 +55,8 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     #[serde(default)]
     pub gpu: GpuConfig,
+    #[serde(default)]
+    pub budget: BudgetConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,10 +96,6 @@ pub struct Limits {
     /// Largest non-streaming upstream response kedge buffers to read its usage (502 above).
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: u64,
-    /// Output tokens assumed for a request without `max_tokens` (scheduling
-    /// cost, routing context check, budget reservations).
-    #[serde(default = "default_output_tokens")]
-    pub default_output_tokens: u64,
 }
 
 impl Default for Limits {
@@ -107,7 +106,6 @@ impl Default for Limits {
             body_read_timeout_ms: default_body_read_timeout_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
             max_response_bytes: default_max_response_bytes(),
-            default_output_tokens: default_output_tokens(),
         }
     }
 }
@@ -126,9 +124,6 @@ fn default_idle_timeout_ms() -> u64 {
 }
 fn default_max_response_bytes() -> u64 {
     64 << 20
-}
-fn default_output_tokens() -> u64 {
-    1024
 }
 
 /// One link of the classification chain.
@@ -742,6 +737,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
                 ));
             }
         }
+    }
+
+    // Budgets.
+    let backend_names: Vec<&str> = raw
+        .backends
+        .iter()
+        .map(|b| b.name.get_ref().as_str())
+        .collect();
+    let mut budget_errors = raw.budget.validate();
+    budget_errors.extend(raw.budget.check_backends(&backend_names));
+    if let Some(e) = budget_errors.into_iter().next() {
+        return Err(err(e.span, e.message, e.hint.as_deref()));
     }
 
     // Scheduling.

@@ -13,13 +13,31 @@ use tokio::{
 };
 
 use crate::{
+    budget::Budget,
     config::{self, AttachMode},
     feedback::Feedback,
     gpu::{GpuSample, GpuSource, spawn_poller},
     kernel::{KernelEdge, TagReader},
+    ledger::{self, Ledger},
     metrics::{Admin, Metrics},
     proxy::{Proxy, Tags, tls},
 };
+
+/// The budget engine, rebuilt from the ledger so a restart never resets a budget.
+fn start_budget(cfg: &config::Loaded) -> Result<(Arc<Budget>, Arc<Ledger>)> {
+    let now = jiff::Timestamp::now();
+    let budget = Budget::new(&cfg.raw.budget, now).map_err(|errors| {
+        let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        anyhow::anyhow!("budget config: {}", all.join("; "))
+    })?;
+    let lcfg = &cfg.raw.budget.ledger;
+    let ledger = Ledger::open(lcfg)
+        .with_context(|| format!("opening the usage ledger {}", lcfg.path.display()))?;
+    let rows = ledger::rebuild(&lcfg.path, &budget, now)
+        .with_context(|| format!("rebuilding budgets from {}", lcfg.path.display()))?;
+    tracing::info!(ledger = %lcfg.path.display(), rows, "budgets rebuilt from the usage ledger");
+    Ok((Arc::new(budget), Arc::new(ledger)))
+}
 
 /// Opens the configured GPU source and polls it on its own thread. Without a
 /// GPU or a driver kedge says so once and runs with no GPU load.
@@ -86,14 +104,23 @@ pub async fn run(config_path: &Path) -> Result<()> {
     };
 
     let gpu = start_gpu(&cfg);
+    let (budget, ledger) = start_budget(&cfg)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let proxy = Arc::new(Proxy::new(cfg.clone(), tags, metrics.clone(), gpu.clone())?);
+    let proxy = Arc::new(Proxy::new(
+        cfg.clone(),
+        tags,
+        metrics.clone(),
+        gpu.clone(),
+        budget.clone(),
+        Some(ledger.clone()),
+    )?);
     let feedback = Feedback::new(
         cfg.clone(),
         kernel.clone(),
         metrics.clone(),
         proxy.clone(),
         gpu,
+        budget,
     );
     let feedback_task = tokio::spawn(feedback.run(stop_rx.clone()));
     let admin = Arc::new(Admin {
@@ -133,6 +160,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let _ = proxy_task.await;
     let _ = admin_task.await;
     let _ = feedback_task.await;
+    // Every settled request is in the ledger before we exit.
+    match ledger.flush() {
+        Ok(()) => tracing::info!("usage ledger flushed"),
+        Err(e) => tracing::error!(error = format!("{e:#}"), "flushing the usage ledger"),
+    }
     if kernel.is_some() {
         // Deliberate: pinned maps and links keep enforcing while the daemon is
         // down or being upgraded; `kedge detach` removes them.

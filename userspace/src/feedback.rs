@@ -17,12 +17,14 @@ use kedge_common::ADMIT_ALL;
 use tokio::sync::watch;
 
 use crate::{
+    budget::Budget,
     config::Loaded,
     gpu::{GpuSample, ShedController},
     kernel::KernelEdge,
     metrics::Metrics,
     proxy::Proxy,
     schedule::AdmissionController,
+    webhook,
 };
 
 /// How often pressure is re-evaluated.
@@ -38,6 +40,7 @@ pub struct Feedback {
     queues: AdmissionController,
     /// What the kernel was last told, per class.
     written: Vec<u32>,
+    budget: Arc<Budget>,
 }
 
 impl Feedback {
@@ -47,6 +50,7 @@ impl Feedback {
         metrics: Arc<Metrics>,
         proxy: Arc<Proxy>,
         gpu: watch::Receiver<Vec<GpuSample>>,
+        budget: Arc<Budget>,
     ) -> Feedback {
         let classes = cfg.raw.classes.len();
         Feedback {
@@ -58,6 +62,7 @@ impl Feedback {
             metrics,
             proxy,
             gpu,
+            budget,
         }
     }
 
@@ -111,6 +116,38 @@ impl Feedback {
             .kernel
             .as_ref()
             .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()));
+        let now_wall = jiff::Timestamp::now();
+        for alert in self.budget.take_alerts() {
+            tracing::warn!(alert = %alert, "budget alert");
+            self.metrics
+                .budget_alerts
+                .with_label_values(&[
+                    &alert.scope.to_string(),
+                    alert.kind.label(),
+                    &alert.threshold_permille.to_string(),
+                ])
+                .inc();
+            if let Some(url) = self.cfg.raw.budget.webhook_url.as_ref() {
+                webhook::post(url.get_ref().clone(), &alert);
+            }
+        }
+        for s in self.budget.status(now_wall) {
+            if s.limit > 0 {
+                self.metrics
+                    .budget_used
+                    .with_label_values(&[&s.scope.to_string(), s.kind.label()])
+                    .set(s.used as f64 / s.limit as f64);
+            }
+        }
+        if let Some(k) = kernel.as_mut() {
+            for m in self.budget.kernel_mirror(now_wall) {
+                let id = crate::config::tenant_id(&m.tenant);
+                let st = m.state;
+                if let Err(e) = k.set_tenant(id, st.tokens_used, st.tokens_limit, st.blocked != 0) {
+                    tracing::debug!(error = %e, "writing TENANTS");
+                }
+            }
+        }
         if let Some(k) = kernel.as_mut() {
             for s in &samples {
                 if let Err(e) = k.set_gpu_load(

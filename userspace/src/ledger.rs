@@ -65,8 +65,17 @@ impl Default for LedgerConfig {
     }
 }
 
+/// `$STATE_DIRECTORY/ledger.sqlite` (systemd's `StateDirectory=`), else
+/// `/var/lib/kedge/ledger.sqlite`.
 fn default_path() -> PathBuf {
-    PathBuf::from("/var/lib/kedge/ledger.sqlite")
+    let dir = std::env::var_os("STATE_DIRECTORY")
+        .and_then(|d| {
+            d.to_str()
+                .and_then(|d| d.split(':').next())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("/var/lib/kedge"));
+    dir.join("ledger.sqlite")
 }
 
 fn default_window() -> Spanned<u64> {

@@ -23,3 +23,4 @@ pub mod schedule;
 pub mod sse;
 pub mod status;
 pub mod tokens;
+pub mod webhook;

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub gpu_memory_total: GaugeVec,
     /// Per-class admission ratio written to the kernel, per mille.
     pub admission: IntGaugeVec,
+    /// Used share of each budget limit (in-flight reservations included).
+    pub budget_used: GaugeVec,
+    /// Budget alerts fired, by scope, limit and threshold (per mille).
+    pub budget_alerts: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -191,6 +195,18 @@ impl Metrics {
                 "kedge_gpu_memory_total_bytes",
                 "GPU memory in all.",
                 &["gpu"],
+            ),
+            budget_used: gauge(
+                &r,
+                "kedge_budget_used_ratio",
+                "Used share of a budget limit, in-flight reservations included.",
+                &["scope", "limit"],
+            ),
+            budget_alerts: counter(
+                &r,
+                "kedge_budget_alerts_total",
+                "Budget alerts fired (once per window per threshold).",
+                &["scope", "limit", "threshold_permille"],
             ),
             admission: int_gauge(
                 &r,

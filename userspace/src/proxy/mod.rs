@@ -10,6 +10,7 @@
 //! Each stage is a function of what the earlier ones produced ([`RequestCtx`]),
 //! so later stages (budgets, scheduling, multi-arm routing) slot in between.
 
+mod charge;
 pub mod headers;
 mod server;
 mod stream;
@@ -38,10 +39,14 @@ use stream::{Meter, MeteredStream};
 use tokio::sync::watch;
 use upstream::{Backend, bad_gateway};
 
+use charge::Charge;
+
 use crate::{
+    budget::{self, Budget, Estimate, Refusal, Subject},
     classify::{Classifier, Facts, Identity},
     config::{self, Loaded},
     gpu::GpuSample,
+    ledger::{Ledger, UsageRecord},
     metrics::Metrics,
     openai::{self, ApiError, Endpoint, ParsedRequest, Usage},
     route::{
@@ -61,6 +66,8 @@ pub struct Proxy {
     tags: Tags,
     metrics: Arc<Metrics>,
     router: Router,
+    budget: Arc<Budget>,
+    ledger: Option<Arc<Ledger>>,
     /// One scheduler per backend, same order as `backends`.
     gates: Vec<Gate>,
     gpu: watch::Receiver<Vec<GpuSample>>,
@@ -110,6 +117,8 @@ impl Proxy {
         tags: Tags,
         metrics: Arc<Metrics>,
         gpu: watch::Receiver<Vec<GpuSample>>,
+        budget: Arc<Budget>,
+        ledger: Option<Arc<Ledger>>,
     ) -> Result<Proxy> {
         let backends = upstream::backends(&cfg)?;
         let router = Router::new(cfg.raw.routing.clone(), &cfg.routes, |name| {
@@ -126,6 +135,8 @@ impl Proxy {
             tags,
             metrics,
             router,
+            budget,
+            ledger,
             gates,
             gpu,
         })
@@ -363,7 +374,7 @@ impl Proxy {
     ) -> Result<Sent, ApiError> {
         let output = ctx
             .max_tokens
-            .unwrap_or(self.cfg.raw.limits.default_output_tokens);
+            .unwrap_or(*self.cfg.raw.budget.default_output_cap.get_ref());
         let job = Job {
             class: ctx.identity.class,
             tenant: ctx.identity.tenant.as_deref().map_or(0, config::tenant_id),
@@ -371,6 +382,7 @@ impl Proxy {
         };
         let Some(route) = route else {
             // No routes: one attempt on the first backend.
+            let charge = self.reserve(ctx, 0, 0).map_err(|r| charge::refused(&r))?;
             let permit = self.acquire(0, job).await?;
             let resp = self
                 .send_to(0, &ctx.route.upstream_model, parsed, headers)
@@ -380,6 +392,8 @@ impl Proxy {
                 resp,
                 permit,
                 arm: None,
+                charge,
+                price: (0.0, 0.0),
             });
         };
 
@@ -446,6 +460,7 @@ impl Proxy {
         let rc = &self.router.cfg;
         let mut last: Option<Attempt> = None;
         let mut tried = 0;
+        let mut budget_skipped = false;
         for (attempt, &arm) in plan
             .order
             .iter()
@@ -474,9 +489,23 @@ impl Proxy {
                 .upstream_model
                 .clone()
                 .unwrap_or_else(|| model.clone());
+            let more = plan.order.len() > attempt + 1 && attempt + 1 < rc.max_attempts as usize;
+            let cost = arm_cfg.cost_micros(ctx.prompt_estimate, output);
+            let charge = match self.reserve(ctx, backend, cost) {
+                Ok(c) => c,
+                Err(refusal) if more && charge::is_per_arm(&refusal) => {
+                    // This arm's pool or price does not fit the budget: the next may.
+                    self.metrics
+                        .route_failovers
+                        .with_label_values(&[&model, arm_cfg.backend.get_ref(), "budget"])
+                        .inc();
+                    budget_skipped = true;
+                    continue;
+                }
+                Err(refusal) => return Err(charge::refused(&refusal)),
+            };
             let permit = self.acquire(backend, job).await?;
             let guard = route.begin(arm);
-            let more = plan.order.len() > attempt + 1 && attempt + 1 < rc.max_attempts as usize;
             let outcome = self
                 .send_to(backend, &upstream_model, parsed, headers.clone())
                 .await;
@@ -499,7 +528,7 @@ impl Proxy {
                             // Not ours to retry (e.g. a plain 400): the upstream's
                             // verdict on the request, passed on in OpenAI's shape.
                             route.record(arm, true, Instant::now());
-                            drop((permit, guard));
+                            drop((permit, guard, charge));
                             labels.route = Some(format!(
                                 "{}; reason={}",
                                 arm_cfg.backend.get_ref(),
@@ -511,14 +540,18 @@ impl Proxy {
                 }
                 Ok(resp) => {
                     route.record(arm, !resp.status().is_server_error(), Instant::now());
+                    let reason = if budget_skipped {
+                        "cloud_budget_spent"
+                    } else {
+                        plan.reason.label()
+                    };
                     return Ok(self.sent(
                         ctx,
                         labels,
                         route,
                         arm,
-                        &plan,
-                        permit,
-                        guard,
+                        reason,
+                        (permit, guard, charge),
                         upstream_model,
                         resp,
                     ));
@@ -533,7 +566,7 @@ impl Proxy {
                 .with_label_values(&[&model, arm_cfg.backend.get_ref(), cause.label()])
                 .inc();
             tracing::warn!(route = %model, arm = %arm_cfg.backend.get_ref(), cause = cause.label(), "attempt failed");
-            drop((permit, guard));
+            drop((permit, guard, charge));
             last = Some(failure);
         }
         labels.route = Some(format!("-; reason={}", plan.reason.label()));
@@ -567,9 +600,8 @@ impl Proxy {
         labels: &mut Labels,
         route: &RouteRuntime,
         arm: usize,
-        plan: &route::Plan,
-        permit: Permit,
-        guard: ArmGuard,
+        reason: &'static str,
+        (permit, guard, charge): (Permit, ArmGuard, Charge),
         upstream_model: String,
         resp: Response<Incoming>,
     ) -> Sent {
@@ -578,20 +610,41 @@ impl Proxy {
         ctx.route = Route {
             backend: arm_rt.backend,
             upstream_model,
-            reason: plan.reason.label(),
+            reason,
             local,
         };
         self.metrics.served(route.model(), local);
-        labels.route = Some(format!(
-            "{}; reason={}",
-            arm_cfg.backend.get_ref(),
-            plan.reason.label()
-        ));
+        labels.route = Some(format!("{}; reason={reason}", arm_cfg.backend.get_ref()));
         Sent {
             resp,
             permit,
             arm: Some(guard),
+            charge,
+            price: (arm_cfg.price_input_per_mtok, arm_cfg.price_output_per_mtok),
         }
+    }
+
+    /// Reserves the request's estimate against its tenant's, key's and the
+    /// backend pool's limits.
+    fn reserve(
+        &self,
+        ctx: &RequestCtx,
+        backend: usize,
+        cost_micros: u64,
+    ) -> Result<Charge, Box<Refusal>> {
+        Charge::reserve(
+            &self.budget,
+            Subject {
+                tenant: ctx.identity.tenant.as_deref().unwrap_or(""),
+                api_key: ctx.identity.api_key.as_deref(),
+                backend: Some(&self.backends[backend].name),
+            },
+            Estimate {
+                prompt_tokens: ctx.prompt_estimate,
+                max_output_tokens: ctx.max_tokens,
+                cost_micros,
+            },
+        )
     }
 
     /// Waits for a slot on `backend` per the scheduling policy.
@@ -681,7 +734,13 @@ impl Proxy {
 
     /// Stage 5: the upstream's answer to the client, with its usage read.
     async fn respond(&self, ctx: RequestCtx, sent: Sent) -> Result<Response<Body>, ApiError> {
-        let Sent { resp, permit, arm } = sent;
+        let Sent {
+            resp,
+            permit,
+            arm,
+            charge,
+            price,
+        } = sent;
         let backend = &self.backends[ctx.route.backend];
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -696,6 +755,9 @@ impl Proxy {
             class: self.cfg.class_name(ctx.identity.class).to_string(),
             backend: backend.name.clone(),
             ctx,
+            charge: Some(charge),
+            price,
+            ledger: self.ledger.clone(),
             _slot: permit,
             _arm: arm,
         };
@@ -821,6 +883,9 @@ pub struct Settlement {
     class: String,
     backend: String,
     pub ctx: RequestCtx,
+    charge: Option<Charge>,
+    price: (f64, f64),
+    ledger: Option<Arc<Ledger>>,
     /// The backend slot and the arm's in-flight count: released when the
     /// request is settled (a stream holds them to its end).
     _slot: Permit,
@@ -828,7 +893,36 @@ pub struct Settlement {
 }
 
 impl Settlement {
-    pub fn settle(self, usage: Usage, outcome: &'static str) {
+    pub fn settle(mut self, usage: Usage, outcome: &'static str) {
+        let cost_micros = (usage.prompt_tokens as f64 * self.price.0
+            + usage.completion_tokens as f64 * self.price.1)
+            .ceil() as u64;
+        let spent = budget::Usage {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cached_tokens: 0,
+            cost_micros,
+        };
+        if let Some(charge) = self.charge.take() {
+            let started = charge.started();
+            charge.commit(spent);
+            if let Some(ledger) = &self.ledger
+                && spent.tokens() > 0
+            {
+                let ctx = &self.ctx;
+                ledger.record(UsageRecord {
+                    request_id: ctx.request_id.clone(),
+                    tenant: ctx.identity.tenant.clone().unwrap_or_default(),
+                    api_key: ctx.identity.api_key.clone(),
+                    route: ctx.endpoint.path().to_string(),
+                    backend: self.backend.clone(),
+                    model: ctx.model.clone(),
+                    usage: spent,
+                    started,
+                    finished: jiff::Timestamp::now(),
+                });
+            }
+        }
         let ctx = &self.ctx;
         let tenant = ctx.identity.tenant.as_deref().unwrap_or("-");
         for (direction, n) in [
@@ -851,6 +945,7 @@ impl Settlement {
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
             usage = if usage.reported { "reported" } else { "counted" },
+            cost_micros,
             outcome,
             "usage"
         );
@@ -918,6 +1013,9 @@ pub struct Sent {
     resp: Response<Incoming>,
     permit: Permit,
     arm: Option<ArmGuard>,
+    charge: Charge,
+    /// USD per million input and output tokens on the answering arm.
+    price: (f64, f64),
 }
 
 /// A failed attempt on one arm.
