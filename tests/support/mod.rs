@@ -455,8 +455,18 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
 
 /// A blocking HTTP/1.0 POST of JSON; returns status line + headers + body.
 pub fn http_post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> String {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    try_http_post(addr, path, headers, body).expect("kedge accepts the connection")
+}
+
+/// Like [`http_post`], but `None` when the connection is refused or breaks.
+pub fn try_http_post(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
     let mut req = format!(
         "POST {path} HTTP/1.0\r\nhost: kedge\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
         body.len()
@@ -466,8 +476,8 @@ pub fn http_post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &
     }
     req.push_str("\r\n");
     req.push_str(body);
-    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(req.as_bytes()).ok()?;
     let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
+    s.read_to_string(&mut out).ok()?;
+    (!out.is_empty()).then_some(out)
 }

@@ -580,6 +580,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
             class_ref(c)?;
         }
     }
+    // Tenants with budgets are tenants too (a trusted header may name them).
+    for t in &raw.budget.tenants {
+        register_tenant(&t.name)?;
+    }
     if raw.classify.require_api_key && raw.api_keys.is_empty() {
         return Err(err(
             None,

@@ -34,6 +34,17 @@ enum Command {
         #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
         config: PathBuf,
     },
+    /// Spend per tenant and route from the usage ledger.
+    Usage {
+        #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
+        config: PathBuf,
+        /// Start of the period (RFC 3339 or YYYY-MM-DD; default: this month's start in the budget time zone).
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the period (default: now).
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Remove every pinned map and link (the kernel edge stops enforcing).
     Detach {
         #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
@@ -103,6 +114,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|c| c.raw.kernel.pin_root)
                 .unwrap_or_else(|_| PathBuf::from("/sys/fs/bpf/kedge"));
             print!("{}", kedge::status::render_maps(&root));
+            Ok(())
+        }
+        Command::Usage { config, from, to } => {
+            let cfg = kedge::config::load(&config)?;
+            let tz = jiff::tz::TimeZone::get(cfg.raw.budget.timezone.get_ref())?;
+            let parse = |s: &str| -> anyhow::Result<jiff::Timestamp> {
+                if let Ok(t) = s.parse::<jiff::Timestamp>() {
+                    return Ok(t);
+                }
+                let d: jiff::civil::Date = s.parse().map_err(|e| {
+                    anyhow::anyhow!("`{s}` is neither RFC 3339 nor YYYY-MM-DD: {e}")
+                })?;
+                Ok(d.to_zoned(tz.clone())?.timestamp())
+            };
+            let now = jiff::Timestamp::now();
+            let from = match from {
+                Some(f) => parse(&f)?,
+                None => now
+                    .to_zoned(tz.clone())
+                    .first_of_month()?
+                    .start_of_day()?
+                    .timestamp(),
+            };
+            let to = match to {
+                Some(t) => parse(&t)?,
+                None => now,
+            };
+            let path = &cfg.raw.budget.ledger.path;
+            let rows = kedge::ledger::usage_report(path, from, to)?;
+            println!("usage from {from} to {to} ({})", path.display());
+            print!("{}", kedge::ledger::format_usage_table(&rows));
             Ok(())
         }
         Command::Detach { config, pin_root } => {

@@ -33,6 +33,8 @@ const TOOL_PACKAGES: &[&str] = &[
     "curl",
     "iputils-ping",
     "netcat-openbsd",
+    "sqlite3",
+    "gcc",
 ];
 
 fn main() -> ExitCode {

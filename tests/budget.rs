@@ -1,0 +1,285 @@
+//! Token budgets end to end: the real `kedge` binary, a simulated upstream that
+//! reports exact usage, concurrent clients against a hard budget, the SQLite
+//! ledger surviving a clean stop and a kill -9, and budgets that survive restarts.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use support::{Kedge, Sim, http_post, metric_value};
+
+fn start(sim: SocketAddr, budget: &str) -> (Kedge, SocketAddr) {
+    let port = support::free_port("127.0.0.1");
+    let cfg = format!(
+        r#"
+[listen]
+addr = "127.0.0.1:{port}"
+
+[kernel]
+attach = "off"
+
+[classify]
+trusted_cidrs = ["127.0.0.0/8"]
+
+[[class]]
+name = "standard"
+priority = 2
+
+[[backend]]
+name = "gpu"
+url = "http://{sim}"
+
+[schedule]
+max_in_flight = 256
+
+[gpu]
+source = "none"
+
+[budget]
+timezone = "Europe/Berlin"
+{budget}
+
+[metrics]
+addr = "{{admin}}"
+"#
+    );
+    (
+        Kedge::start(&cfg),
+        format!("127.0.0.1:{port}").parse().unwrap(),
+    )
+}
+
+/// One request by `tenant` (trusted header); the sim counts prompt tokens as
+/// bytes/4 of the messages, and answers exactly `max_tokens`.
+fn ask(addr: SocketAddr, tenant: &str, max_tokens: u64) -> String {
+    http_post(
+        addr,
+        "/v1/chat/completions",
+        &[("x-kedge-tenant", tenant)],
+        &format!(
+            r#"{{"model":"m","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"hello"}}]}}"#
+        ),
+    )
+}
+
+fn status(resp: &str) -> u16 {
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn usage_total(resp: &str) -> u64 {
+    let at = resp.find("\"total_tokens\":").expect("usage in the answer");
+    resp[at + 15..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn ledger_rows(kedge: &Kedge) -> Vec<String> {
+    let db = kedge.dir.join("ledger.sqlite");
+    let out = Command::new("sqlite3")
+        .arg(&db)
+        .arg("SELECT request_id, prompt_tokens + completion_tokens FROM usage ORDER BY id")
+        .output()
+        .expect("sqlite3 (installed by `cargo xtask setup`)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn concurrent_requests_never_commit_more_than_a_hard_budget_and_it_survives_restarts() {
+    let sim = Sim::start(&[
+        "--slots",
+        "64",
+        "--ttft-ms",
+        "5",
+        "--decode-ms-per-token",
+        "1",
+    ]);
+    let (mut kedge, addr) = start(
+        sim.addr,
+        "[[budget.tenant]]\nname = \"acme\"\ntokens_per_day = { max = 3000, mode = \"hard\" }\n\
+         [[budget.tenant]]\nname = \"other\"\n",
+    );
+    // 64 clients × 4 requests of ~104 tokens each want ~26 600 tokens; 3 000 may pass.
+    let served = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..64)
+        .map(|_| {
+            let (served, refused) = (served.clone(), refused.clone());
+            thread::spawn(move || {
+                for _ in 0..4 {
+                    let r = ask(addr, "acme", 100);
+                    match status(&r) {
+                        200 => {
+                            served.fetch_add(usage_total(&r), Ordering::SeqCst);
+                        }
+                        429 => {
+                            assert!(r.contains("insufficient_quota"), "{r}");
+                            assert!(r.to_ascii_lowercase().contains("retry-after: "), "{r}");
+                            assert!(
+                                r.to_ascii_lowercase()
+                                    .contains("x-ratelimit-limit-tokens: 3000"),
+                                "{r}"
+                            );
+                            refused.fetch_add(1, Ordering::SeqCst);
+                        }
+                        other => panic!("unexpected {other}: {r}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let served = served.load(Ordering::SeqCst);
+    assert!(
+        served <= 3000,
+        "served {served} tokens against a hard budget of 3000"
+    );
+    assert!(
+        served >= 3000 - 2 * 104,
+        "the budget was not used up: {served}"
+    );
+    assert!(refused.load(Ordering::SeqCst) > 0);
+
+    // A clean stop loses nothing: the ledger holds exactly what was served.
+    assert!(kedge.stop().success());
+    let rows = ledger_rows(&kedge);
+    let in_ledger: u64 = rows
+        .iter()
+        .map(|r| r.rsplit('|').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(in_ledger, served, "ledger rows: {}", rows.len());
+    // `kedge usage` reports the same spend per tenant from the ledger.
+    let out = Command::new(env!("CARGO_BIN_EXE_kedge"))
+        .args(["usage", "--config"])
+        .arg(&kedge.config)
+        .env("STATE_DIRECTORY", &kedge.dir)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let acme = table
+        .lines()
+        .find(|l| l.starts_with("acme"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cols: Vec<&str> = acme.split_whitespace().collect();
+    let (prompt, completion): (u64, u64) = (cols[3].parse().unwrap(), cols[4].parse().unwrap());
+    assert_eq!(prompt + completion, served, "{table}");
+
+    // A restart rebuilds the day's usage: the tenant is still over its budget.
+    kedge.spawn();
+    let r = ask(addr, "acme", 100);
+    assert_eq!(status(&r), 429, "budget reset by a restart: {r}");
+    let used = metric_value(
+        &kedge.metrics(),
+        "kedge_budget_used_ratio",
+        &[("scope", "tenant acme"), ("limit", "tokens_per_day")],
+    );
+    assert!(
+        used >= (3000 - 2 * 104) as f64 / 3000.0,
+        "used ratio after restart {used}"
+    );
+    // Another tenant has no limits.
+    assert_eq!(status(&ask(addr, "other", 5)), 200);
+}
+
+#[test]
+fn kill_minus_nine_loses_at_most_the_group_commit_window() {
+    let sim = Sim::start(&[
+        "--slots",
+        "8",
+        "--ttft-ms",
+        "0",
+        "--decode-ms-per-token",
+        "0",
+    ]);
+    let (mut kedge, addr) = start(
+        sim.addr,
+        "[[budget.tenant]]\nname = \"acme\"\n[budget.ledger]\ngroup_commit_ms = 50\n",
+    );
+    // Clients send as fast as they can while kedge is killed under them.
+    let stop = Arc::new(AtomicU64::new(0));
+    let answered: Arc<std::sync::Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, answered) = (stop.clone(), answered.clone());
+            thread::spawn(move || {
+                while stop.load(Ordering::SeqCst) == 0 {
+                    let body = r#"{"model":"m","max_tokens":3,"messages":[{"role":"user","content":"hello"}]}"#;
+                    let Some(r) = support::try_http_post(addr, "/v1/chat/completions", &[("x-kedge-tenant", "acme")], body) else {
+                        break; // kedge is gone
+                    };
+                    if status(&r) == 200 {
+                        let id = r
+                            .lines()
+                            .find(|l| l.to_ascii_lowercase().starts_with("x-request-id:"))
+                            .map(|l| l.split_once(':').unwrap().1.trim().to_string())
+                            .unwrap();
+                        answered.lock().unwrap().push((id, Instant::now()));
+                    }
+                }
+            })
+        })
+        .collect();
+    support::wait_until(Duration::from_secs(10), "200 answered requests", || {
+        answered.lock().unwrap().len() >= 200
+    });
+    let killed_at = Instant::now();
+    kedge.kill_hard();
+    stop.store(1, Ordering::SeqCst);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let in_ledger: std::collections::HashSet<String> = ledger_rows(&kedge)
+        .iter()
+        .map(|r| r.split('|').next().unwrap().to_string())
+        .collect();
+    let answered = answered.lock().unwrap();
+    // Every request answered more than one window (plus the commit's own time)
+    // before the kill is in the ledger; only the last window may be lost.
+    let bound = Duration::from_millis(50 + 250);
+    let mut lost = 0;
+    for (id, at) in answered.iter() {
+        if !in_ledger.contains(id) {
+            lost += 1;
+            assert!(
+                killed_at.duration_since(*at) <= bound,
+                "request {id} answered {:?} before the kill is missing",
+                killed_at.duration_since(*at)
+            );
+        }
+    }
+    eprintln!(
+        "kill -9: {} answered, {} in the ledger, {lost} lost (all within {bound:?} of the kill)",
+        answered.len(),
+        in_ledger.len()
+    );
+    assert!(in_ledger.len() + lost >= answered.len());
+}
