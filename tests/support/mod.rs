@@ -342,6 +342,10 @@ impl Kedge {
         unsafe { libc::kill(c.id() as i32, signal) };
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

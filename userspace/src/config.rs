@@ -396,6 +396,8 @@ pub struct Loaded {
     pub routes: Vec<RouteConfig>,
     /// `[schedule]` resolved against classes, backends and tenants.
     pub schedule: std::sync::Arc<crate::schedule::Plan>,
+    /// The `[budget]` table as written, to tell whether a reload changes it.
+    pub budget_toml: String,
 }
 
 impl Loaded {
@@ -784,6 +786,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         route_index,
         routes,
         schedule: std::sync::Arc::new(schedule),
+        budget_toml: text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("budget").map(|b| b.to_string()))
+            .unwrap_or_default(),
         raw,
     })
 }

@@ -10,6 +10,7 @@ use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::watch,
+    task::JoinHandle,
 };
 
 use crate::{
@@ -20,7 +21,8 @@ use crate::{
     kernel::{KernelEdge, TagReader},
     ledger::{self, Ledger},
     metrics::{Admin, Metrics},
-    proxy::{Proxy, Tags, tls},
+    notify,
+    proxy::{Proxy, ProxySlot, Tags, tls},
 };
 
 /// The budget engine, rebuilt from the ledger so a restart never resets a budget.
@@ -66,19 +68,18 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let cfg = Arc::new(config::load(config_path)?);
     let mode = cfg.attach();
 
-    let (kernel, tags) = if mode == AttachMode::Off {
+    let kernel = if mode == AttachMode::Off {
         tracing::info!("attach = \"off\": no kernel program, classifying in userspace");
-        (None, Tags::from_config(&cfg))
+        None
     } else {
         let edge = KernelEdge::start(&cfg)?;
-        let tags = Tags::Kernel(Box::new(TagReader::open(&edge.dir, cfg.default_class)?));
         tracing::info!(
             mode = mode.as_str(),
             interface = cfg.raw.kernel.interface.as_deref().unwrap_or(""),
             pins = %edge.dir.display(),
             "kernel edge attached"
         );
-        (Some(Arc::new(Mutex::new(edge))), tags)
+        Some(Arc::new(Mutex::new(edge)))
     };
 
     let metrics = Arc::new(Metrics::new());
@@ -106,31 +107,21 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let gpu = start_gpu(&cfg);
     let (budget, ledger) = start_budget(&cfg)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let proxy = Arc::new(Proxy::new(
-        cfg.clone(),
-        tags,
-        metrics.clone(),
-        gpu.clone(),
-        budget.clone(),
-        Some(ledger.clone()),
-    )?);
-    let feedback = Feedback::new(
-        cfg.clone(),
-        kernel.clone(),
-        metrics.clone(),
-        proxy.clone(),
+    let parts = Parts {
+        kernel: kernel.clone(),
+        metrics: metrics.clone(),
         gpu,
-        budget,
-    );
-    let feedback_task = tokio::spawn(feedback.run(stop_rx.clone()));
+        ledger: ledger.clone(),
+    };
+    let slot = Arc::new(ProxySlot::new(parts.proxy(cfg.clone(), budget)?));
+    let mut feedback = parts.feedback(&slot, &stop_rx);
     let admin = Arc::new(Admin {
         metrics,
         kernel: kernel.clone(),
-        config: cfg.clone(),
-        proxy: proxy.clone(),
+        proxy: slot.clone(),
     });
-    let proxy_task = tokio::spawn(proxy.serve(listener, acceptor, stop_rx.clone()));
-    let admin_task = tokio::spawn(admin.serve(admin_listener, stop_rx));
+    let proxy_task = tokio::spawn(slot.clone().serve(listener, acceptor, stop_rx.clone()));
+    let admin_task = tokio::spawn(admin.serve(admin_listener, stop_rx.clone()));
     tracing::info!(
         proxy = %cfg.raw.listen.addr,
         admin = %cfg.raw.metrics.addr,
@@ -139,6 +130,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         routes = cfg.raw.routes.len(),
         "kedge is serving"
     );
+    notify::notify("READY=1\nSTATUS=serving");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -147,19 +139,28 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
-            _ = hup.recv() => match &cert {
-                Some(c) => match c.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-                    Err(e) => tracing::error!(error = format!("{e:#}"), "SIGHUP: TLS reload failed; keeping the old certificate"),
-                },
-                None => tracing::info!("SIGHUP: no TLS listener, nothing to reload"),
-            },
+            _ = hup.recv() => {
+                notify::reloading();
+                match reload(config_path, &slot, &parts, cert.as_deref()) {
+                    Ok(()) => {
+                        // The feedback loop follows the new classes and shedding rules.
+                        feedback.abort();
+                        feedback = parts.feedback(&slot, &stop_rx);
+                        notify::notify("READY=1\nSTATUS=serving (config reloaded)");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "SIGHUP: config refused; the old one keeps running");
+                        notify::notify("READY=1\nSTATUS=serving (reload refused, see the log)");
+                    }
+                }
+            }
         }
     }
+    notify::notify("STOPPING=1");
     let _ = stop_tx.send(true);
     let _ = proxy_task.await;
     let _ = admin_task.await;
-    let _ = feedback_task.await;
+    let _ = feedback.await;
     // Every settled request is in the ledger before we exit.
     match ledger.flush() {
         Ok(()) => tracing::info!("usage ledger flushed"),
@@ -170,5 +171,111 @@ pub async fn run(config_path: &Path) -> Result<()> {
         // down or being upgraded; `kedge detach` removes them.
         tracing::info!("kernel edge left attached (pinned); `kedge detach` removes it");
     }
+    Ok(())
+}
+
+/// What outlives a config reload.
+struct Parts {
+    kernel: Option<Arc<Mutex<KernelEdge>>>,
+    metrics: Arc<Metrics>,
+    gpu: watch::Receiver<Vec<GpuSample>>,
+    ledger: Arc<Ledger>,
+}
+
+impl Parts {
+    fn proxy(&self, cfg: Arc<config::Loaded>, budget: Arc<Budget>) -> Result<Proxy> {
+        let tags = match &self.kernel {
+            Some(k) => {
+                let dir = k.lock().unwrap_or_else(|p| p.into_inner()).dir.clone();
+                Tags::Kernel(Box::new(TagReader::open(&dir, cfg.default_class)?))
+            }
+            None => Tags::from_config(&cfg),
+        };
+        Proxy::new(
+            cfg,
+            tags,
+            self.metrics.clone(),
+            self.gpu.clone(),
+            budget,
+            Some(self.ledger.clone()),
+        )
+    }
+
+    fn feedback(&self, slot: &Arc<ProxySlot>, stop: &watch::Receiver<bool>) -> JoinHandle<()> {
+        let proxy = slot.get();
+        let feedback = Feedback::new(
+            proxy.config().clone(),
+            self.kernel.clone(),
+            self.metrics.clone(),
+            proxy.clone(),
+            self.gpu.clone(),
+            proxy.budget().clone(),
+        );
+        tokio::spawn(feedback.run(stop.clone()))
+    }
+}
+
+/// SIGHUP: validate the file, then apply it whole — kernel maps in place, a
+/// new proxy for new connections (open ones finish under the old config), new
+/// budgets only when `[budget]` changed (rebuilt from the ledger). Anything
+/// wrong and nothing changes.
+fn reload(
+    path: &Path,
+    slot: &ProxySlot,
+    parts: &Parts,
+    cert: Option<&tls::ReloadableCert>,
+) -> Result<()> {
+    let new = Arc::new(config::load(path)?);
+    let old = slot.get();
+    let old_cfg = old.config();
+    for (what, changed) in [
+        (
+            "listen.addr",
+            new.raw.listen.addr != old_cfg.raw.listen.addr,
+        ),
+        (
+            "metrics.addr",
+            new.raw.metrics.addr != old_cfg.raw.metrics.addr,
+        ),
+        ("kernel.attach", new.attach() != old_cfg.attach()),
+        (
+            "kernel.interface",
+            new.raw.kernel.interface != old_cfg.raw.kernel.interface,
+        ),
+        (
+            "kernel.pin_root",
+            new.raw.kernel.pin_root != old_cfg.raw.kernel.pin_root,
+        ),
+        (
+            "listen.tls",
+            new.raw.listen.tls.is_some() != old_cfg.raw.listen.tls.is_some(),
+        ),
+    ] {
+        if changed {
+            anyhow::bail!("{what} changed: that takes a restart (`systemctl restart kedge`)");
+        }
+    }
+    let budget = if new.budget_toml == old_cfg.budget_toml {
+        old.budget().clone()
+    } else {
+        parts.ledger.flush()?;
+        let now = jiff::Timestamp::now();
+        let budget = Budget::new(&new.raw.budget, now).map_err(|errors| {
+            let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            anyhow::anyhow!("budget config: {}", all.join("; "))
+        })?;
+        ledger::rebuild(&new.raw.budget.ledger.path, &budget, now)?;
+        tracing::info!("SIGHUP: budgets rebuilt from the ledger under the new limits");
+        Arc::new(budget)
+    };
+    let proxy = parts.proxy(new.clone(), budget)?;
+    if let Some(c) = cert {
+        c.reload()?;
+    }
+    if let Some(k) = &parts.kernel {
+        k.lock().unwrap_or_else(|p| p.into_inner()).sync(&new)?;
+    }
+    slot.replace(proxy);
+    tracing::info!(config = %path.display(), "SIGHUP: config reloaded");
     Ok(())
 }

@@ -102,7 +102,7 @@ impl Feedback {
                 .set(s.memory_total_bytes as f64);
         }
 
-        let fullness = observe_queues(&self.proxy, &self.metrics, &self.cfg);
+        let fullness = observe_queues(&self.proxy, &self.metrics);
         self.queues.update(now, &fullness);
 
         let hottest = samples.iter().map(|s| s.utilization_pct).max().unwrap_or(0);
@@ -184,7 +184,8 @@ impl Feedback {
 /// Refreshes the queue gauges from every scheduler and returns each class's
 /// fullness (the worst backend decides). Also called on each `/metrics` scrape,
 /// so the gauges are current, not one tick old.
-pub fn observe_queues(proxy: &Proxy, metrics: &Metrics, cfg: &Loaded) -> Vec<f64> {
+pub fn observe_queues(proxy: &Proxy, metrics: &Metrics) -> Vec<f64> {
+    let cfg = proxy.config();
     let classes = cfg.raw.classes.len();
     let mut fullness = vec![0.0f64; classes];
     for (backend, gate) in proxy.gates() {
@@ -207,7 +208,8 @@ pub fn observe_queues(proxy: &Proxy, metrics: &Metrics, cfg: &Loaded) -> Vec<f64
 }
 
 /// The daemon's own view for `kedge status`: every queue.
-pub fn status(proxy: &Proxy, cfg: &Loaded) -> serde_json::Value {
+pub fn status(proxy: &Proxy) -> serde_json::Value {
+    let cfg = proxy.config();
     let mut queues = Vec::new();
     for (backend, gate) in proxy.gates() {
         let stats = gate.stats();

@@ -19,7 +19,7 @@ use prometheus::{
 };
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{config::Loaded, kernel::KernelEdge, proxy::Proxy};
+use crate::{config::Loaded, kernel::KernelEdge, proxy::ProxySlot};
 
 pub struct Metrics {
     registry: Registry,
@@ -42,6 +42,12 @@ pub struct Metrics {
     served_local: std::sync::atomic::AtomicU64,
     served_cloud: std::sync::atomic::AtomicU64,
     pub queue_wait: HistogramVec,
+    /// From a validated request to its settlement (stream end included).
+    pub request_duration: HistogramVec,
+    /// From a validated request to the upstream's response headers.
+    pub first_byte: HistogramVec,
+    /// Money spent, in dollars, by tenant and backend.
+    pub spend: prometheus::CounterVec,
     pub queue_depth: IntGaugeVec,
     pub queue_in_flight: IntGaugeVec,
     pub queue_admitted: IntCounterVec,
@@ -111,6 +117,40 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(queue_wait.clone()))
             .expect("unique metric");
+        let latency_buckets = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+        ];
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "kedge_request_duration_seconds",
+                "Validated request to settlement, streams included.",
+            )
+            .buckets(latency_buckets.clone()),
+            &["class", "model"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(request_duration.clone()))
+            .expect("unique metric");
+        let first_byte = HistogramVec::new(
+            HistogramOpts::new(
+                "kedge_time_to_first_byte_seconds",
+                "Validated request to the upstream's response headers (queueing included).",
+            )
+            .buckets(latency_buckets),
+            &["class", "backend"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(first_byte.clone()))
+            .expect("unique metric");
+        let spend = prometheus::CounterVec::new(
+            Opts::new(
+                "kedge_spend_dollars_total",
+                "Money spent on upstreams at the configured prices, in dollars.",
+            ),
+            &["tenant", "backend"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(spend.clone())).expect("unique metric");
         Metrics {
             requests: counter(
                 &r,
@@ -154,6 +194,9 @@ impl Metrics {
             served_local: Default::default(),
             served_cloud: Default::default(),
             queue_wait,
+            request_duration,
+            first_byte,
+            spend,
             queue_depth: int_gauge(
                 &r,
                 "kedge_queue_depth",
@@ -279,8 +322,7 @@ impl Default for Metrics {
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub kernel: Option<Arc<Mutex<KernelEdge>>>,
-    pub config: Arc<Loaded>,
-    pub proxy: Arc<Proxy>,
+    pub proxy: Arc<ProxySlot>,
 }
 
 impl Admin {
@@ -289,15 +331,16 @@ impl Admin {
             "/status" => Response::builder()
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(
-                    crate::feedback::status(&self.proxy, &self.config).to_string(),
+                    crate::feedback::status(&self.proxy.get()).to_string(),
                 )))
                 .expect("valid response"),
             "/metrics" => {
-                crate::feedback::observe_queues(&self.proxy, &self.metrics, &self.config);
+                let proxy = self.proxy.get();
+                crate::feedback::observe_queues(&proxy, &self.metrics);
                 if let Some(kernel) = &self.kernel {
                     let totals = kernel.lock().unwrap_or_else(|p| p.into_inner()).counters();
                     match totals {
-                        Ok(t) => self.metrics.observe_kernel(&t, &self.config),
+                        Ok(t) => self.metrics.observe_kernel(&t, proxy.config()),
                         Err(e) => tracing::warn!(error = %e, "reading kernel counters"),
                     }
                 }

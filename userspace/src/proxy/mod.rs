@@ -73,6 +73,30 @@ pub struct Proxy {
     gpu: watch::Receiver<Vec<GpuSample>>,
 }
 
+/// The proxy currently in force; a config reload swaps in a new one.
+pub struct ProxySlot {
+    current: std::sync::RwLock<Arc<Proxy>>,
+}
+
+impl ProxySlot {
+    pub fn new(proxy: Proxy) -> ProxySlot {
+        ProxySlot {
+            current: std::sync::RwLock::new(Arc::new(proxy)),
+        }
+    }
+
+    pub fn get(&self) -> Arc<Proxy> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn replace(&self, proxy: Proxy) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(proxy);
+    }
+}
+
 /// Everything the pipeline knows about a request once it is routed.
 #[derive(Debug)]
 pub struct RequestCtx {
@@ -88,6 +112,8 @@ pub struct RequestCtx {
     pub max_tokens: Option<u64>,
     /// Prompt tokens by kedge's estimate (tokens.rs), known before the upstream answers.
     pub prompt_estimate: u64,
+    /// When the request's body had been read and validated.
+    pub started: Instant,
 }
 
 /// Where a model is served: the arm that answered, and why it was chosen.
@@ -140,6 +166,15 @@ impl Proxy {
             gates,
             gpu,
         })
+    }
+
+    pub fn config(&self) -> &Arc<Loaded> {
+        &self.cfg
+    }
+
+    /// The budget engine (kept across reloads that do not change `[budget]`).
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// The schedulers, for the feedback loop and `/status`.
@@ -262,6 +297,7 @@ impl Proxy {
             client_wants_usage: parsed.client_wants_usage,
             max_tokens: parsed.max_tokens,
             prompt_estimate: tokens::estimate_prompt(endpoint, &parsed.body),
+            started: Instant::now(),
         };
         let headers = self.upstream_headers(&parts.headers, &ctx);
         let sent = self
@@ -614,6 +650,13 @@ impl Proxy {
             local,
         };
         self.metrics.served(route.model(), local);
+        self.metrics
+            .first_byte
+            .with_label_values(&[
+                self.cfg.class_name(ctx.identity.class),
+                arm_cfg.backend.get_ref(),
+            ])
+            .observe(ctx.started.elapsed().as_secs_f64());
         labels.route = Some(format!("{}; reason={reason}", arm_cfg.backend.get_ref()));
         Sent {
             resp,
@@ -903,6 +946,18 @@ impl Settlement {
             cached_tokens: 0,
             cost_micros,
         };
+        let class_route = [self.class.as_str(), self.ctx.model.as_str()];
+        self.metrics
+            .request_duration
+            .with_label_values(&class_route)
+            .observe(self.ctx.started.elapsed().as_secs_f64());
+        self.metrics
+            .spend
+            .with_label_values(&[
+                self.ctx.identity.tenant.as_deref().unwrap_or("-"),
+                &self.backend,
+            ])
+            .inc_by(cost_micros as f64 / 1e6);
         if let Some(charge) = self.charge.take() {
             let started = charge.started();
             charge.commit(spent);

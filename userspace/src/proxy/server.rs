@@ -32,7 +32,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::Proxy;
+use super::{Proxy, ProxySlot};
 use crate::{cidr::CidrTable, config::Loaded, kernel::TagReader};
 
 /// How a connection's class and tenant are found.
@@ -186,15 +186,19 @@ struct ConnLimits {
     idle: Duration,
 }
 
-impl Proxy {
-    /// Accepts until `shutdown` flips, then lets in-flight requests finish (bounded).
+impl ProxySlot {
+    /// Accepts until `shutdown` flips, then lets in-flight requests finish
+    /// (bounded). Each connection is served by the proxy current when it was
+    /// accepted, so a config reload applies to new connections while open
+    /// ones finish under the config they started with.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         tls: Option<TlsAcceptor>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let limits = &self.cfg.raw.limits;
+        let first = self.get();
+        let limits = &first.cfg.raw.limits;
         let limits = ConnLimits {
             header_read: Duration::from_millis(limits.header_read_timeout_ms),
             idle: Duration::from_millis(limits.idle_timeout_ms),
@@ -228,13 +232,13 @@ impl Proxy {
                 _ = shutdown.changed() => break,
             };
             let _ = stream.set_nodelay(true);
+            let proxy = self.get();
             let info = ConnInfo {
                 peer,
-                kernel: self.tags.tag(&stream, peer.ip()),
+                kernel: proxy.tags.tag(&stream, peer.ip()),
             };
-            tracing::debug!(%peer, class = self.cfg.class_name(info.kernel.0), "accepted");
+            tracing::debug!(%peer, class = proxy.cfg.class_name(info.kernel.0), "accepted");
             let watcher = graceful.watcher();
-            let proxy = self.clone();
             let builder = builder.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
