@@ -16,7 +16,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+mod bench_flood;
 mod bench_proxy;
+mod demo;
 
 /// The recipe of shared/TOOLCHAIN.md: the versions that build together here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -46,9 +48,11 @@ fn main() -> ExitCode {
         Some("run") => check().and_then(|_| run(args.get(1).map(String::as_str))),
         Some("lint") => check().and_then(|_| lint()),
         Some("bench") => check().and_then(|_| bench(&args[1..])),
+        Some("install") => check().and_then(|_| install()),
+        Some("demo") => setup().and_then(|_| demo(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|build|test|run [CONFIG]|lint|bench proxy [SECONDS]>"
+                "usage: cargo xtask <setup|build|test|run [CONFIG]|lint|install|demo [SECONDS]|bench proxy [SECONDS]>"
             );
             return ExitCode::from(2);
         }
@@ -267,7 +271,12 @@ fn bench(args: &[String]) -> Result<()> {
             ]))?;
             bench_proxy::run(&root(), seconds)
         }
-        _ => bail!("usage: cargo xtask bench proxy [SECONDS]"),
+        Some("flood") => {
+            let seconds = args.get(1).map_or(Ok(10.0), |s| s.parse()).context("SECONDS")?;
+            status(ebpf_toolchain_env(&mut cargo()).args(["build", "--release", "-p", "kedge", "--bins"]))?;
+            bench_flood::run(&root(), seconds)
+        }
+        _ => bail!("usage: cargo xtask bench <proxy|flood> [SECONDS]"),
     }
 }
 
@@ -299,6 +308,41 @@ fn run(config: Option<&str>) -> Result<()> {
             .args(["run", "--config", config])
             .current_dir(root()),
     )
+}
+
+/// Puts the binary, the systemd unit and (if none is there yet) the config in
+/// place; an existing /etc/kedge/kedge.toml is never overwritten.
+fn install() -> Result<()> {
+    build()?;
+    let root = root();
+    let copy = |from: &str, to: &str| -> Result<()> {
+        if let Some(dir) = Path::new(to).parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::copy(root.join(from), to).with_context(|| format!("copying {from} to {to}"))?;
+        println!("install: {to}");
+        Ok(())
+    };
+    copy("target/release/kedge", "/usr/local/bin/kedge")?;
+    copy("config/kedge.service", "/etc/systemd/system/kedge.service")?;
+    if Path::new("/etc/kedge/kedge.toml").exists() {
+        println!("install: /etc/kedge/kedge.toml exists, left as it is");
+    } else {
+        copy("config/kedge.toml", "/etc/kedge/kedge.toml")?;
+    }
+    if Path::new("/run/systemd/system").exists() {
+        status(Command::new("systemctl").arg("daemon-reload"))?;
+        println!("install: systemd reloaded; edit /etc/kedge/kedge.toml, then `systemctl enable --now kedge`");
+    } else {
+        println!("install: systemd is not running here; start with `kedge run --config /etc/kedge/kedge.toml`");
+    }
+    Ok(())
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    let seconds = args.first().map_or(Ok(60), |s| s.parse()).context("SECONDS")?;
+    status(ebpf_toolchain_env(&mut cargo()).args(["build", "--release", "-p", "kedge", "--bins"]))?;
+    demo::run(&root(), seconds)
 }
 
 fn lint() -> Result<()> {

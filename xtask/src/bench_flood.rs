@@ -1,0 +1,261 @@
+//! `cargo xtask bench flood`: a low-priority namespace floods the proxy port
+//! with new connections while a high-priority namespace measures its own
+//! requests. One run compares: no flood (baseline), no shaping, shaping in
+//! userspace only (a per-tenant request limit: 429s), kedge's kernel program
+//! (tc and XDP: per-source connection buckets), and an nftables per-source
+//! connection limit (the usual alternative). Everything runs in namespaces
+//! created here and removed afterwards; kedge is pinned to CPU 1, the clients
+//! to CPU 0.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+struct Net {
+    namespaces: Vec<String>,
+    bridge: String,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).stderr(Stdio::null()).status();
+        let _ = Command::new("nft").args(["delete", "table", "inet", "kedge_bench"]).stderr(Stdio::null()).status();
+    }
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("{cmd} {args:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Busy and total jiffies of all CPUs.
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = f.iter().sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+const HIGH: &str = "198.18.250.2";
+const FLOOD: &str = "198.18.251.2";
+const HOST: &str = "198.18.250.1";
+const PORT: u16 = 18980;
+
+struct Scenario {
+    name: &'static str,
+    flood: bool,
+    attach: &'static str,
+    userspace_limit: bool,
+    nftables: bool,
+}
+
+pub fn run(root: &Path, seconds: f64) -> Result<()> {
+    crate::apt_install(&["nftables"])?;
+    let bin = root.join("target/release");
+    let id = std::process::id() % 10_000;
+    let work = std::env::temp_dir().join(format!("kedge-bench-flood-{id}"));
+    std::fs::create_dir_all(&work)?;
+    let net = Net {
+        namespaces: vec![format!("kbh{id}"), format!("kbf{id}")],
+        bridge: format!("kbbr{id}"),
+    };
+    sh("ip", &["link", "add", &net.bridge, "type", "bridge"])?;
+    sh("ip", &["addr", "add", &format!("{HOST}/16"), "dev", &net.bridge])?;
+    sh("ip", &["link", "set", &net.bridge, "up"])?;
+    for (ns, ip) in net.namespaces.iter().zip([HIGH, FLOOD]) {
+        let (host, peer) = (format!("{ns}h"), format!("{ns}c"));
+        sh("ip", &["netns", "add", ns])?;
+        sh("ip", &["link", "add", &host, "type", "veth", "peer", "name", &peer])?;
+        sh("ip", &["link", "set", &peer, "netns", ns])?;
+        sh("ip", &["link", "set", &host, "master", &net.bridge])?;
+        sh("ip", &["link", "set", &host, "up"])?;
+        sh("ip", &["-n", ns, "addr", "add", &format!("{ip}/16"), "dev", &peer])?;
+        sh("ip", &["-n", ns, "link", "set", &peer, "up"])?;
+        sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+    }
+
+    let up_port = 18981;
+    let _upstream = Proc(
+        Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(bin.join("kedge-sim"))
+            .args(["--listen", &format!("127.0.0.1:{up_port}"), "--slots", "4096"])
+            .args(["--ttft-ms", "0", "--prefill-us-per-token", "0", "--decode-ms-per-token", "0"])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+
+    let scenarios = [
+        Scenario { name: "baseline (no flood)", flood: false, attach: "off", userspace_limit: false, nftables: false },
+        Scenario { name: "flood, no shaping", flood: true, attach: "off", userspace_limit: false, nftables: false },
+        Scenario { name: "flood, kedge userspace only", flood: true, attach: "off", userspace_limit: true, nftables: false },
+        Scenario { name: "flood, kedge kernel (tc)", flood: true, attach: "tc", userspace_limit: false, nftables: false },
+        Scenario { name: "flood, kedge kernel (xdp)", flood: true, attach: "xdp", userspace_limit: false, nftables: false },
+        Scenario { name: "flood, nftables per-source limit", flood: true, attach: "off", userspace_limit: false, nftables: true },
+    ];
+    let mut rows = Vec::new();
+    for sc in &scenarios {
+        println!("bench flood: {} ...", sc.name);
+        rows.push(run_scenario(sc, &bin, &work, &net, up_port, seconds, id)?);
+    }
+    let report = summarise(&rows, seconds);
+    println!("{report}");
+    let docs = root.join("docs");
+    std::fs::write(docs.join("bench-flood.json"), serde_json::to_string_pretty(&json!({ "rows": rows }))?)?;
+    crate::replace_section(&docs.join("benchmarks.md"), "flood", &report)?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+fn run_scenario(sc: &Scenario, bin: &Path, work: &Path, net: &Net, up_port: u16, seconds: f64, id: u32) -> Result<Value> {
+    let pin_root = PathBuf::from(format!("/sys/fs/bpf/kedge-bench-{id}"));
+    let kernel = if sc.attach == "off" {
+        "[kernel]\nattach = \"off\"".to_string()
+    } else {
+        format!("[kernel]\ninterface = \"{}\"\nattach = \"{}\"\npin_root = \"{}\"", net.bridge, sc.attach, pin_root.display())
+    };
+    let budget = if sc.userspace_limit {
+        "[budget]\n[[budget.tenant]]\nname = \"flood\"\nrequests_per_minute = { max = 1200 }\n"
+    } else {
+        ""
+    };
+    let config = format!(
+        "[listen]\naddr = \"0.0.0.0:{PORT}\"\n{kernel}\n\
+         [[class]]\nname = \"high\"\npriority = 0\n\
+         [[class]]\nname = \"flood\"\npriority = 4\nsource_conn_rate = 20\nsource_conn_burst = 20\n\
+         [[network]]\ncidr = \"{HIGH}/32\"\nclass = \"high\"\ntenant = \"high\"\n\
+         [[network]]\ncidr = \"{FLOOD}/32\"\nclass = \"flood\"\ntenant = \"flood\"\n\
+         [[backend]]\nname = \"sim\"\nurl = \"http://127.0.0.1:{up_port}\"\n\
+         [schedule]\nmax_in_flight = 512\n[gpu]\nsource = \"none\"\n{budget}\n\
+         [metrics]\naddr = \"127.0.0.1:18982\"\n"
+    );
+    let path = work.join("kedge.toml");
+    std::fs::write(&path, config)?;
+    if sc.nftables {
+        let rules = format!(
+            "table inet kedge_bench {{ chain input {{ type filter hook input priority 0; policy accept;\n\
+               tcp dport {PORT} ct state new meter flood {{ ip saddr limit rate over 20/second burst 20 packets }} drop\n}} }}\n"
+        );
+        let file = work.join("rules.nft");
+        std::fs::write(&file, rules)?;
+        sh("nft", &["-f", file.to_str().unwrap()])?;
+    }
+    let kedge = Proc(
+        Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(bin.join("kedge"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("KEDGE_LOG", "warn")
+            .env("STATE_DIRECTORY", work)
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let ready = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", 18982)).is_err() {
+        if Instant::now() > ready {
+            bail!("kedge did not start for {}", sc.name);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let load = |ns: &str, args: &[&str]| -> Result<Child> {
+        Ok(Command::new("ip")
+            .args(["netns", "exec", ns, "taskset", "-c", "0"])
+            .arg(bin.join("kedge-load"))
+            .args(["--url", &format!("http://{HOST}:{PORT}/v1/chat/completions")])
+            .args(["--duration-s", &seconds.to_string(), "--max-tokens", "4", "--new-connection"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?)
+    };
+    let (busy0, total0) = cpu_jiffies();
+    let flood = if sc.flood {
+        Some(load(&net.namespaces[1], &["--concurrency", "64", "--connect-timeout-ms", "200", "--request-timeout-ms", "2000"])?)
+    } else {
+        None
+    };
+    let high = load(&net.namespaces[0], &["--concurrency", "2", "--rate", "50", "--connect-timeout-ms", "1000", "--request-timeout-ms", "5000"])?;
+    let high: Value = serde_json::from_slice(&high.wait_with_output()?.stdout).unwrap_or(Value::Null);
+    let flood: Value = match flood {
+        Some(f) => serde_json::from_slice(&f.wait_with_output()?.stdout).unwrap_or(Value::Null),
+        None => Value::Null,
+    };
+    let (busy1, total1) = cpu_jiffies();
+    drop(kedge);
+    if sc.nftables {
+        let _ = Command::new("nft").args(["delete", "table", "inet", "kedge_bench"]).status();
+    }
+    let _ = std::fs::remove_dir_all(&pin_root);
+    let cpu = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64;
+    Ok(json!({ "scenario": sc.name, "high": high, "flood": flood, "host_cpu_busy_ratio": cpu }))
+}
+
+fn summarise(rows: &[Value], seconds: f64) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## Connection flood (`cargo xtask bench flood`)\n\n\
+         {seconds} s per scenario. High-priority client: 2 workers, 50 new connections a second, one \
+         request each. Flood: 64 workers opening new connections as fast as they can (200 ms connect \
+         timeout) from another CIDR. Kernel and nftables limits: 20 new connections/s per source. \
+         Userspace-only: the flood tenant is limited to 1200 requests/min (429s after accepting). \
+         kedge pinned to CPU 1, clients to CPU 0.\n\n\
+         | scenario | high ok % | high p50 ms | high p99 ms | p99 vs baseline | flood attempts | flood served | flood refused/dropped % | host CPU busy % |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    let base_p99 = rows.first().and_then(|r| r["high"]["latency_ms"]["p99"].as_f64()).unwrap_or(0.0);
+    for r in rows {
+        let h = &r["high"];
+        let f = &r["flood"];
+        let n = |v: &Value| v.as_u64().unwrap_or(0) as f64;
+        let high_total = n(&h["responses"]) + n(&h["connect_failures"]) + n(&h["timeouts"]) + n(&h["other_errors"]);
+        let high_ok = if high_total > 0.0 { n(&h["ok"]) / high_total * 100.0 } else { 0.0 };
+        let p99 = h["latency_ms"]["p99"].as_f64().unwrap_or(0.0);
+        let flood_total = n(&f["responses"]) + n(&f["connect_failures"]) + n(&f["timeouts"]) + n(&f["other_errors"]);
+        let flood_refused = flood_total - n(&f["ok"]);
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.2} | {:.2} | {:.2}x | {:.0} | {:.0} | {:.1} | {:.0} |",
+            r["scenario"].as_str().unwrap_or(""),
+            high_ok,
+            h["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+            p99,
+            if base_p99 > 0.0 { p99 / base_p99 } else { 0.0 },
+            flood_total,
+            n(&f["ok"]),
+            if flood_total > 0.0 { flood_refused / flood_total * 100.0 } else { 0.0 },
+            r["host_cpu_busy_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+        );
+    }
+    md
+}
