@@ -166,6 +166,8 @@ addr = "127.0.0.1:{port}"
 [kernel]
 attach = "off"
 pin_root = "{{pin_root}}"
+[limits]
+header_read_timeout_ms = 500
 [[class]]
 name = "standard"
 priority = 2
@@ -319,5 +321,34 @@ fn https_backend_through_rustls_with_a_private_ca() {
     assert_eq!(code, 0, "{body}");
     assert!(body.contains("\"lo\"") && body.contains("[DONE]"), "{body}");
     assert_eq!(up.seen().len(), 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_stalled_tls_handshake_is_cut_off() {
+    require_tools!();
+    let dir = temp_dir("tls-stall");
+    let (_ca, cert, key) = make_cert(&dir, "stall");
+    let up = FakeOpenAi::start();
+    let port = free_port("127.0.0.1");
+    let _kedge = Kedge::start(&config(
+        port,
+        Some((&cert, &key)),
+        &format!("http://{}", up.addr),
+        "",
+        "normal",
+    ));
+    // The first bytes of a ClientHello, then nothing.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut s, b"\x16\x03\x01\x02\x00").unwrap();
+    let started = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let r = std::io::Read::read(&mut s, &mut buf);
+    assert!(
+        matches!(r, Ok(0) | Err(_)) && started.elapsed() < Duration::from_secs(3),
+        "{r:?} after {:?}; header_read_timeout_ms = 500",
+        started.elapsed()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

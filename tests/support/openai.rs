@@ -10,7 +10,8 @@
 //! - `hold`: streams "first", then waits for [`FakeOpenAi::release`], then "second"
 //! - `drip`: streams 20 chunks "tok " 25 ms apart (usage 9/20 when asked),
 //!   and notes whether the reader went away before the end
-//! - `reset`: streams two chunks, then resets the connection
+//! - `reset`: streams "one", "two", waits for [`FakeOpenAi::release`], then
+//!   resets the connection
 //! - `garbage`: a 200 whose JSON body is not JSON; `badhttp`: not HTTP at all
 //! - `hang`: never answers
 #![allow(dead_code)]
@@ -301,12 +302,7 @@ fn stream_answer(w: &mut TcpStream, model: &str, wants_usage: bool, state: &Stat
             if !send(w, &chunk(model, "first", usage)) {
                 return false;
             }
-            let (open, cv) = &state.gate;
-            let mut g = open.lock().unwrap();
-            while !*g {
-                g = cv.wait(g).unwrap();
-            }
-            drop(g);
+            wait_for_release(state);
             if !send(w, &chunk(model, "second", usage)) {
                 return false;
             }
@@ -337,6 +333,7 @@ fn stream_answer(w: &mut TcpStream, model: &str, wants_usage: bool, state: &Stat
         "reset" => {
             let _ = send(w, &chunk(model, "one", usage));
             let _ = send(w, &chunk(model, "two", usage));
+            wait_for_release(state);
             reset(w);
             return false;
         }
@@ -352,6 +349,14 @@ fn stream_answer(w: &mut TcpStream, model: &str, wants_usage: bool, state: &Stat
         return false;
     }
     send(w, "data: [DONE]\n\n") && send(w, "")
+}
+
+fn wait_for_release(state: &State) {
+    let (open, cv) = &state.gate;
+    let mut g = open.lock().unwrap();
+    while !*g {
+        g = cv.wait(g).unwrap();
+    }
 }
 
 /// Closes with a TCP RST (SO_LINGER 0) instead of a FIN.

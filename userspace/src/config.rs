@@ -917,6 +917,52 @@ url = "http://127.0.0.1:8000"
     }
 
     #[test]
+    fn checks_api_keys_routes_and_tls_files() {
+        let key = |sha: &str| {
+            format!("{GOOD}[[api_key]]\nname = \"k\"\nsha256 = \"{sha}\"\ntenant = \"t\"\n")
+        };
+        let bad = key("ABC");
+        let e = parse_str(&bad).unwrap_err();
+        assert!(e.to_string().contains("64 lower-case hex"), "{e}");
+        let line = bad[..bad.find("sha256").unwrap()].matches('\n').count() + 1;
+        assert_eq!(e.position.map(|p| p.0), Some(line));
+        let c = parse_str(&key(&"a".repeat(64))).unwrap();
+        assert_eq!(c.tenant_ids["t"], tenant_id("t"), "key tenants are tenants");
+
+        let routed = format!(
+            "{GOOD}[[route]]\nmodel = \"m\"\nbackend = \"local\"\nupstream_model = \"org/m\"\n"
+        );
+        assert_eq!(parse_str(&routed).unwrap().route_backends["m"], 0);
+        let twice = format!("{routed}[[route]]\nmodel = \"m\"\nbackend = \"local\"\n");
+        assert!(
+            parse_str(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("routed twice")
+        );
+
+        let required = GOOD.replacen(
+            "[[class]]",
+            "[classify]\nrequire_api_key = true\n\n[[class]]",
+            1,
+        );
+        let e = parse_str(&required).unwrap_err();
+        assert!(e.to_string().contains("no [[api_key]]"), "{e}");
+
+        let tls = GOOD.replace(
+            "addr = \"0.0.0.0:8080\"",
+            "addr = \"0.0.0.0:8080\"\ntls = { cert = \"/nonexistent.pem\", key = \"/nonexistent.key\" }",
+        );
+        let e = parse_str(&tls).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("/nonexistent.pem is not a readable file"),
+            "{e}"
+        );
+        assert_eq!(e.position.map(|p| p.0), Some(4));
+    }
+
+    #[test]
     fn tenant_ids_are_stable_and_in_range() {
         assert_eq!(tenant_id("team-a"), tenant_id("team-a"));
         assert_ne!(tenant_id("team-a"), tenant_id("team-b"));

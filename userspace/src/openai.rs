@@ -112,7 +112,6 @@ impl ApiError {
 /// A validated request body and the fields that govern it.
 #[derive(Debug)]
 pub struct ParsedRequest {
-    pub endpoint: Endpoint,
     pub body: Map<String, Value>,
     pub model: String,
     pub stream: bool,
@@ -215,7 +214,6 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
         })?),
     };
     Ok(ParsedRequest {
-        endpoint,
         body,
         model,
         stream,

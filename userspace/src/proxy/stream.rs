@@ -240,3 +240,72 @@ async fn drain(mut upstream: Incoming, mut meter: Meter, idle: Duration, settlem
     }
     settlement.settle(meter.usage(), "client_gone_drained");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTENT: &str =
+        "data: {\"choices\":[{\"delta\":{\"content\":\"Hello\"}}],\"usage\":null}\n\n";
+    const USAGE: &str =
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    fn run(meter: &mut Meter, parts: &[&str]) -> String {
+        let mut out = Vec::new();
+        for p in parts {
+            out.extend(meter.observe(p.as_bytes()).unwrap());
+        }
+        out.extend(meter.finish());
+        out.iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn hides_the_usage_chunk_it_asked_for_and_keeps_its_numbers() {
+        let mut m = Meter::new(true, 99);
+        let out = run(&mut m, &[CONTENT, USAGE, DONE]);
+        assert_eq!(out, format!("{CONTENT}{DONE}"));
+        assert_eq!(
+            m.usage(),
+            Usage {
+                prompt_tokens: 12,
+                completion_tokens: 34,
+                reported: true
+            }
+        );
+    }
+
+    #[test]
+    fn forwards_the_usage_chunk_the_client_asked_for() {
+        let mut m = Meter::new(false, 99);
+        let out = run(&mut m, &[CONTENT, USAGE, DONE]);
+        assert_eq!(out, format!("{CONTENT}{USAGE}{DONE}"));
+    }
+
+    #[test]
+    fn counts_when_no_usage_arrives_even_across_split_events() {
+        let mut m = Meter::new(true, 7);
+        let whole = format!("{CONTENT}{CONTENT}: ping\n\n{DONE}");
+        let (a, b) = whole.split_at(30);
+        let out = run(&mut m, &[a, b]);
+        assert_eq!(out, whole, "bytes pass unchanged");
+        // "HelloHello" = 10 bytes = 3 tokens; the prompt is kedge's estimate.
+        assert_eq!(
+            m.usage(),
+            Usage {
+                prompt_tokens: 7,
+                completion_tokens: 3,
+                reported: false
+            }
+        );
+    }
+
+    #[test]
+    fn an_endless_event_is_refused() {
+        let mut m = Meter::new(true, 0);
+        let blob = vec![b'x'; MAX_EVENT_BYTES + 1];
+        assert!(m.observe(&blob).is_err());
+    }
+}

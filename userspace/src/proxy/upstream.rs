@@ -1,5 +1,9 @@
-//! Backends: one pooled hyper client each (http, or https through rustls),
-//! and the mapping of upstream trouble to 502/503/504.
+//! Backends: one pooled hyper client each (http, or https through rustls with
+//! ALPN h2/http1.1), and the mapping of upstream trouble to a status:
+//! - 503 `backend_unavailable`: no connection could be made (refused, connect
+//!   timeout, TLS failure); nothing was sent, the backend is down for now
+//! - 504 `upstream_timeout`: connected, but no answer within `response_timeout_ms`
+//! - 502 `bad_gateway`: the answer was not HTTP, broke off, or was not JSON
 
 use std::time::Duration;
 
