@@ -421,7 +421,7 @@ impl Proxy {
             let charge = self.reserve(ctx, 0, 0).map_err(|r| charge::refused(&r))?;
             let permit = self.acquire(0, job).await?;
             let resp = self
-                .send_to(0, &ctx.route.upstream_model, parsed, headers)
+                .send_to(0, ctx.endpoint, &ctx.route.upstream_model, parsed, headers)
                 .await?;
             labels.route = Some(format!("{}; reason=only_backend", self.backends[0].name));
             return Ok(Sent {
@@ -543,7 +543,7 @@ impl Proxy {
             let permit = self.acquire(backend, job).await?;
             let guard = route.begin(arm);
             let outcome = self
-                .send_to(backend, &upstream_model, parsed, headers.clone())
+                .send_to(backend, ctx.endpoint, &upstream_model, parsed, headers.clone())
                 .await;
             let failure = match outcome {
                 Ok(resp) if more && is_retryable_status(resp.status()) => {
@@ -737,6 +737,7 @@ impl Proxy {
     async fn send_to(
         &self,
         backend: usize,
+        endpoint: Endpoint,
         upstream_model: &str,
         parsed: &ParsedRequest,
         headers: HeaderMap,
@@ -745,7 +746,7 @@ impl Proxy {
         let body = parsed.upstream_body(upstream_model, b.stream_usage);
         b.send(
             Method::POST,
-            parsed.endpoint.path(),
+            endpoint.path(),
             headers,
             Bytes::from(body),
         )
