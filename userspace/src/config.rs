@@ -932,7 +932,13 @@ url = "http://127.0.0.1:8000"
         let routed = format!(
             "{GOOD}[[route]]\nmodel = \"m\"\nbackend = \"local\"\nupstream_model = \"org/m\"\n"
         );
-        assert_eq!(parse_str(&routed).unwrap().route_backends["m"], 0);
+        let loaded = parse_str(&routed).unwrap();
+        assert_eq!(loaded.route_index["m"], 0);
+        assert_eq!(loaded.routes[0].arms[0].backend.get_ref(), "local");
+        assert_eq!(
+            loaded.routes[0].arms[0].upstream_model.as_deref(),
+            Some("org/m")
+        );
         let twice = format!("{routed}[[route]]\nmodel = \"m\"\nbackend = \"local\"\n");
         assert!(
             parse_str(&twice)

@@ -271,6 +271,7 @@ fn reload(
     let proxy = parts.proxy(new.clone(), budget)?;
     if let Some(c) = cert {
         c.reload()?;
+        tracing::info!("SIGHUP: TLS certificate reloaded");
     }
     if let Some(k) = &parts.kernel {
         k.lock().unwrap_or_else(|p| p.into_inner()).sync(&new)?;

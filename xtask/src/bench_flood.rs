@@ -27,8 +27,14 @@ impl Drop for Net {
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).stderr(Stdio::null()).status();
-        let _ = Command::new("nft").args(["delete", "table", "inet", "kedge_bench"]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", "kedge_bench"])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -42,9 +48,15 @@ impl Drop for Proc {
 }
 
 fn sh(cmd: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("{cmd} {args:?}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("{cmd} {args:?}"))?;
     if !out.status.success() {
-        bail!("{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -89,16 +101,25 @@ pub fn run(root: &Path, seconds: f64) -> Result<()> {
         bridge: format!("kbbr{id}"),
     };
     sh("ip", &["link", "add", &net.bridge, "type", "bridge"])?;
-    sh("ip", &["addr", "add", &format!("{HOST}/16"), "dev", &net.bridge])?;
+    sh(
+        "ip",
+        &["addr", "add", &format!("{HOST}/16"), "dev", &net.bridge],
+    )?;
     sh("ip", &["link", "set", &net.bridge, "up"])?;
     for (ns, ip) in net.namespaces.iter().zip([HIGH, FLOOD]) {
         let (host, peer) = (format!("{ns}h"), format!("{ns}c"));
         sh("ip", &["netns", "add", ns])?;
-        sh("ip", &["link", "add", &host, "type", "veth", "peer", "name", &peer])?;
+        sh(
+            "ip",
+            &["link", "add", &host, "type", "veth", "peer", "name", &peer],
+        )?;
         sh("ip", &["link", "set", &peer, "netns", ns])?;
         sh("ip", &["link", "set", &host, "master", &net.bridge])?;
         sh("ip", &["link", "set", &host, "up"])?;
-        sh("ip", &["-n", ns, "addr", "add", &format!("{ip}/16"), "dev", &peer])?;
+        sh(
+            "ip",
+            &["-n", ns, "addr", "add", &format!("{ip}/16"), "dev", &peer],
+        )?;
         sh("ip", &["-n", ns, "link", "set", &peer, "up"])?;
         sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
     }
@@ -108,19 +129,67 @@ pub fn run(root: &Path, seconds: f64) -> Result<()> {
         Command::new("taskset")
             .args(["-c", "1"])
             .arg(bin.join("kedge-sim"))
-            .args(["--listen", &format!("127.0.0.1:{up_port}"), "--slots", "4096"])
-            .args(["--ttft-ms", "0", "--prefill-us-per-token", "0", "--decode-ms-per-token", "0"])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{up_port}"),
+                "--slots",
+                "4096",
+            ])
+            .args([
+                "--ttft-ms",
+                "0",
+                "--prefill-us-per-token",
+                "0",
+                "--decode-ms-per-token",
+                "0",
+            ])
             .stderr(Stdio::null())
             .spawn()?,
     );
 
     let scenarios = [
-        Scenario { name: "baseline (no flood)", flood: false, attach: "off", userspace_limit: false, nftables: false },
-        Scenario { name: "flood, no shaping", flood: true, attach: "off", userspace_limit: false, nftables: false },
-        Scenario { name: "flood, kedge userspace only", flood: true, attach: "off", userspace_limit: true, nftables: false },
-        Scenario { name: "flood, kedge kernel (tc)", flood: true, attach: "tc", userspace_limit: false, nftables: false },
-        Scenario { name: "flood, kedge kernel (xdp)", flood: true, attach: "xdp", userspace_limit: false, nftables: false },
-        Scenario { name: "flood, nftables per-source limit", flood: true, attach: "off", userspace_limit: false, nftables: true },
+        Scenario {
+            name: "baseline (no flood)",
+            flood: false,
+            attach: "off",
+            userspace_limit: false,
+            nftables: false,
+        },
+        Scenario {
+            name: "flood, no shaping",
+            flood: true,
+            attach: "off",
+            userspace_limit: false,
+            nftables: false,
+        },
+        Scenario {
+            name: "flood, kedge userspace only",
+            flood: true,
+            attach: "off",
+            userspace_limit: true,
+            nftables: false,
+        },
+        Scenario {
+            name: "flood, kedge kernel (tc)",
+            flood: true,
+            attach: "tc",
+            userspace_limit: false,
+            nftables: false,
+        },
+        Scenario {
+            name: "flood, kedge kernel (xdp)",
+            flood: true,
+            attach: "xdp",
+            userspace_limit: false,
+            nftables: false,
+        },
+        Scenario {
+            name: "flood, nftables per-source limit",
+            flood: true,
+            attach: "off",
+            userspace_limit: false,
+            nftables: true,
+        },
     ];
     let mut rows = Vec::new();
     for sc in &scenarios {
@@ -130,18 +199,34 @@ pub fn run(root: &Path, seconds: f64) -> Result<()> {
     let report = summarise(&rows, seconds);
     println!("{report}");
     let docs = root.join("docs");
-    std::fs::write(docs.join("bench-flood.json"), serde_json::to_string_pretty(&json!({ "rows": rows }))?)?;
+    std::fs::write(
+        docs.join("bench-flood.json"),
+        serde_json::to_string_pretty(&json!({ "rows": rows }))?,
+    )?;
     crate::replace_section(&docs.join("benchmarks.md"), "flood", &report)?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
-fn run_scenario(sc: &Scenario, bin: &Path, work: &Path, net: &Net, up_port: u16, seconds: f64, id: u32) -> Result<Value> {
+fn run_scenario(
+    sc: &Scenario,
+    bin: &Path,
+    work: &Path,
+    net: &Net,
+    up_port: u16,
+    seconds: f64,
+    id: u32,
+) -> Result<Value> {
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/kedge-bench-{id}"));
     let kernel = if sc.attach == "off" {
         "[kernel]\nattach = \"off\"".to_string()
     } else {
-        format!("[kernel]\ninterface = \"{}\"\nattach = \"{}\"\npin_root = \"{}\"", net.bridge, sc.attach, pin_root.display())
+        format!(
+            "[kernel]\ninterface = \"{}\"\nattach = \"{}\"\npin_root = \"{}\"",
+            net.bridge,
+            sc.attach,
+            pin_root.display()
+        )
     };
     let budget = if sc.userspace_limit {
         "[budget]\n[[budget.tenant]]\nname = \"flood\"\nrequests_per_minute = { max = 1200 }\n"
@@ -191,8 +276,17 @@ fn run_scenario(sc: &Scenario, bin: &Path, work: &Path, net: &Net, up_port: u16,
         Ok(Command::new("ip")
             .args(["netns", "exec", ns, "taskset", "-c", "0"])
             .arg(bin.join("kedge-load"))
-            .args(["--url", &format!("http://{HOST}:{PORT}/v1/chat/completions")])
-            .args(["--duration-s", &seconds.to_string(), "--max-tokens", "4", "--new-connection"])
+            .args([
+                "--url",
+                &format!("http://{HOST}:{PORT}/v1/chat/completions"),
+            ])
+            .args([
+                "--duration-s",
+                &seconds.to_string(),
+                "--max-tokens",
+                "4",
+                "--new-connection",
+            ])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -200,12 +294,35 @@ fn run_scenario(sc: &Scenario, bin: &Path, work: &Path, net: &Net, up_port: u16,
     };
     let (busy0, total0) = cpu_jiffies();
     let flood = if sc.flood {
-        Some(load(&net.namespaces[1], &["--concurrency", "64", "--connect-timeout-ms", "200", "--request-timeout-ms", "2000"])?)
+        Some(load(
+            &net.namespaces[1],
+            &[
+                "--concurrency",
+                "64",
+                "--connect-timeout-ms",
+                "200",
+                "--request-timeout-ms",
+                "2000",
+            ],
+        )?)
     } else {
         None
     };
-    let high = load(&net.namespaces[0], &["--concurrency", "2", "--rate", "50", "--connect-timeout-ms", "1000", "--request-timeout-ms", "5000"])?;
-    let high: Value = serde_json::from_slice(&high.wait_with_output()?.stdout).unwrap_or(Value::Null);
+    let high = load(
+        &net.namespaces[0],
+        &[
+            "--concurrency",
+            "2",
+            "--rate",
+            "50",
+            "--connect-timeout-ms",
+            "1000",
+            "--request-timeout-ms",
+            "5000",
+        ],
+    )?;
+    let high: Value =
+        serde_json::from_slice(&high.wait_with_output()?.stdout).unwrap_or(Value::Null);
     let flood: Value = match flood {
         Some(f) => serde_json::from_slice(&f.wait_with_output()?.stdout).unwrap_or(Value::Null),
         None => Value::Null,
@@ -213,7 +330,9 @@ fn run_scenario(sc: &Scenario, bin: &Path, work: &Path, net: &Net, up_port: u16,
     let (busy1, total1) = cpu_jiffies();
     drop(kedge);
     if sc.nftables {
-        let _ = Command::new("nft").args(["delete", "table", "inet", "kedge_bench"]).status();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", "kedge_bench"])
+            .status();
     }
     let _ = std::fs::remove_dir_all(&pin_root);
     let cpu = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64;
@@ -233,15 +352,28 @@ fn summarise(rows: &[Value], seconds: f64) -> String {
          | scenario | high ok % | high p50 ms | high p99 ms | p99 vs baseline | flood attempts | flood served | flood refused/dropped % | host CPU busy % |\n\
          |---|---|---|---|---|---|---|---|---|"
     );
-    let base_p99 = rows.first().and_then(|r| r["high"]["latency_ms"]["p99"].as_f64()).unwrap_or(0.0);
+    let base_p99 = rows
+        .first()
+        .and_then(|r| r["high"]["latency_ms"]["p99"].as_f64())
+        .unwrap_or(0.0);
     for r in rows {
         let h = &r["high"];
         let f = &r["flood"];
         let n = |v: &Value| v.as_u64().unwrap_or(0) as f64;
-        let high_total = n(&h["responses"]) + n(&h["connect_failures"]) + n(&h["timeouts"]) + n(&h["other_errors"]);
-        let high_ok = if high_total > 0.0 { n(&h["ok"]) / high_total * 100.0 } else { 0.0 };
+        let high_total = n(&h["responses"])
+            + n(&h["connect_failures"])
+            + n(&h["timeouts"])
+            + n(&h["other_errors"]);
+        let high_ok = if high_total > 0.0 {
+            n(&h["ok"]) / high_total * 100.0
+        } else {
+            0.0
+        };
         let p99 = h["latency_ms"]["p99"].as_f64().unwrap_or(0.0);
-        let flood_total = n(&f["responses"]) + n(&f["connect_failures"]) + n(&f["timeouts"]) + n(&f["other_errors"]);
+        let flood_total = n(&f["responses"])
+            + n(&f["connect_failures"])
+            + n(&f["timeouts"])
+            + n(&f["other_errors"]);
         let flood_refused = flood_total - n(&f["ok"]);
         let _ = writeln!(
             md,
@@ -253,7 +385,11 @@ fn summarise(rows: &[Value], seconds: f64) -> String {
             if base_p99 > 0.0 { p99 / base_p99 } else { 0.0 },
             flood_total,
             n(&f["ok"]),
-            if flood_total > 0.0 { flood_refused / flood_total * 100.0 } else { 0.0 },
+            if flood_total > 0.0 {
+                flood_refused / flood_total * 100.0
+            } else {
+                0.0
+            },
             r["host_cpu_busy_ratio"].as_f64().unwrap_or(0.0) * 100.0,
         );
     }

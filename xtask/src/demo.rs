@@ -46,7 +46,10 @@ impl Drop for Demo {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         for l in &self.links {
-            let _ = Command::new("ip").args(["link", "del", l]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["link", "del", l])
+                .stderr(Stdio::null())
+                .status();
         }
         let _ = std::fs::remove_dir_all(&self.pin_root);
         let _ = std::fs::remove_dir_all(&self.work);
@@ -54,9 +57,15 @@ impl Drop for Demo {
 }
 
 fn sh(cmd: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("{cmd} {args:?}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("{cmd} {args:?}"))?;
     if !out.status.success() {
-        bail!("{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -74,9 +83,13 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 /// All label values of `label` seen on `name`.
@@ -121,22 +134,33 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
     sh(
         "cc",
         &[
-            "-shared", "-fPIC", "-O2",
+            "-shared",
+            "-fPIC",
+            "-O2",
             &format!("-DFAKE_NVML_STATE=\"{}\"", gpu_state.display()),
-            "-o", nvml.to_str().unwrap(),
+            "-o",
+            nvml.to_str().unwrap(),
             root.join("tests/fake_nvml/fake_nvml.c").to_str().unwrap(),
         ],
     )
     .context("building the fake NVML library (needs a C compiler)")?;
     let spawn = |demo: &mut Demo, cmd: &mut Command, log: &str| -> Result<()> {
         let log = std::fs::File::create(work.join(log))?;
-        demo.children.push(cmd.stdout(Stdio::null()).stderr(log).spawn()?);
+        demo.children
+            .push(cmd.stdout(Stdio::null()).stderr(log).spawn()?);
         Ok(())
     };
     spawn(
         &mut demo,
         Command::new(bin.join("kedge-sim"))
-            .args(["--listen", "127.0.0.1:18700", "--slots", "6", "--ttft-ms", "60"])
+            .args([
+                "--listen",
+                "127.0.0.1:18700",
+                "--slots",
+                "6",
+                "--ttft-ms",
+                "60",
+            ])
             .args(["--decode-ms-per-token", "12", "--model", "llama-local"])
             .arg("--gpu-state")
             .arg(&gpu_state),
@@ -145,7 +169,14 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
     spawn(
         &mut demo,
         Command::new(bin.join("kedge-sim"))
-            .args(["--listen", "127.0.0.1:18701", "--slots", "64", "--ttft-ms", "250"])
+            .args([
+                "--listen",
+                "127.0.0.1:18701",
+                "--slots",
+                "64",
+                "--ttft-ms",
+                "250",
+            ])
             .args(["--decode-ms-per-token", "8", "--model", "gpt-cloud"]),
         "cloud.log",
     )?;
@@ -153,9 +184,24 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
     // Three client networks, each its own namespace, joined by a bridge on the
     // host: kedge's program watches the bridge's ingress.
     let teams = [
-        Team { name: "product team", class: "interactive", third_octet: 1, load: args("--concurrency 3 --stream --max-tokens 24") },
-        Team { name: "batch team", class: "batch", third_octet: 2, load: args("--concurrency 12 --max-tokens 48 --prompt-repeat 40") },
-        Team { name: "abusive source", class: "standard", third_octet: 3, load: args("--concurrency 16 --new-connection --max-tokens 4 --connect-timeout-ms 300") },
+        Team {
+            name: "product team",
+            class: "interactive",
+            third_octet: 1,
+            load: args("--concurrency 3 --stream --max-tokens 24"),
+        },
+        Team {
+            name: "batch team",
+            class: "batch",
+            third_octet: 2,
+            load: args("--concurrency 12 --max-tokens 48 --prompt-repeat 40"),
+        },
+        Team {
+            name: "abusive source",
+            class: "standard",
+            third_octet: 3,
+            load: args("--concurrency 16 --new-connection --max-tokens 4 --connect-timeout-ms 300"),
+        },
     ];
     let bridge = format!("kdbr{id}");
     sh("ip", &["link", "add", &bridge, "type", "bridge"])?;
@@ -168,12 +214,26 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
         let peer = format!("kdc{id}-{}", t.third_octet);
         sh("ip", &["netns", "add", &ns])?;
         demo.namespaces.push(ns.clone());
-        sh("ip", &["link", "add", &host, "type", "veth", "peer", "name", &peer])?;
+        sh(
+            "ip",
+            &["link", "add", &host, "type", "veth", "peer", "name", &peer],
+        )?;
         demo.links.push(host.clone());
         sh("ip", &["link", "set", &peer, "netns", &ns])?;
         sh("ip", &["link", "set", &host, "master", &bridge])?;
         sh("ip", &["link", "set", &host, "up"])?;
-        sh("ip", &["-n", &ns, "addr", "add", &format!("198.19.{}.2/16", t.third_octet), "dev", &peer])?;
+        sh(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("198.19.{}.2/16", t.third_octet),
+                "dev",
+                &peer,
+            ],
+        )?;
         sh("ip", &["-n", &ns, "link", "set", &peer, "up"])?;
         sh("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
     }
@@ -182,14 +242,20 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
     std::fs::write(&config, demo_config(&ifaces, &demo.pin_root, &nvml))?;
     spawn(
         &mut demo,
-        Command::new(bin.join("kedge")).args(["run", "--config"]).arg(&config).env("KEDGE_LOG", "warn"),
+        Command::new(bin.join("kedge"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("KEDGE_LOG", "warn"),
         "kedge.log",
     )?;
     let admin = "127.0.0.1:18790";
     let ready = Instant::now() + Duration::from_secs(20);
     while http_get(admin, "/healthz").is_none() {
         if Instant::now() > ready || demo.children.last_mut().unwrap().try_wait()?.is_some() {
-            bail!("kedge did not start: {}", std::fs::read_to_string(work.join("kedge.log"))?);
+            bail!(
+                "kedge did not start: {}",
+                std::fs::read_to_string(work.join("kedge.log"))?
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -202,14 +268,21 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
             .arg(bin.join("kedge-load"))
             .args(["--url", "http://198.19.0.1:18780/v1/chat/completions"])
             .args(["--model", "llama", "--duration-s", &seconds.to_string()])
-            .args(["--progress", work.join(format!("load-{}.json", t.third_octet)).to_str().unwrap()])
+            .args([
+                "--progress",
+                work.join(format!("load-{}.json", t.third_octet))
+                    .to_str()
+                    .unwrap(),
+            ])
             .args(&t.load);
         spawn(&mut demo, &mut cmd, &format!("load-{}.log", t.third_octet))?;
     }
 
     let started = Instant::now();
     let mut last = String::new();
-    while started.elapsed() < Duration::from_secs(seconds + 3) && !INTERRUPTED.load(Ordering::SeqCst) {
+    while started.elapsed() < Duration::from_secs(seconds + 3)
+        && !INTERRUPTED.load(Ordering::SeqCst)
+    {
         std::thread::sleep(Duration::from_secs(1));
         let metrics = http_get(admin, "/metrics").unwrap_or_default();
         last = render(&teams, &work, &metrics, started.elapsed(), seconds);
@@ -232,22 +305,43 @@ fn render(teams: &[Team], work: &Path, m: &str, elapsed: Duration, seconds: u64)
     let mut out = String::new();
     let done = (elapsed.as_secs_f64() / seconds as f64).min(1.0);
     let bar = "#".repeat((done * 40.0) as usize);
-    out += &format!("kedge demo  [{bar:<40}] {:>3.0}%  {:.0}/{seconds} s\n\n", done * 100.0, elapsed.as_secs_f64().min(seconds as f64));
-    out += &format!("{:<16} {:<12} {:>8} {:>9} {:>9} {:>10} {:>9}\n", "CLIENTS", "CLASS", "SERVED", "REFUSED", "NO CONN", "KERNEL DROP", "p99 ms");
+    out += &format!(
+        "kedge demo  [{bar:<40}] {:>3.0}%  {:.0}/{seconds} s\n\n",
+        done * 100.0,
+        elapsed.as_secs_f64().min(seconds as f64)
+    );
+    out += &format!(
+        "{:<16} {:<12} {:>8} {:>9} {:>9} {:>10} {:>9}\n",
+        "CLIENTS", "CLASS", "SERVED", "REFUSED", "NO CONN", "KERNEL DROP", "p99 ms"
+    );
     for t in teams {
-        let load: Value = std::fs::read_to_string(work.join(format!("load-{}.json", t.third_octet)))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or(Value::Null);
+        let load: Value =
+            std::fs::read_to_string(work.join(format!("load-{}.json", t.third_octet)))
+                .ok()
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or(Value::Null);
         let refused: u64 = load["statuses"]
             .as_object()
-            .map(|o| o.iter().filter(|(k, _)| !k.starts_with('2')).map(|(_, v)| v.as_u64().unwrap_or(0)).sum())
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| !k.starts_with('2'))
+                    .map(|(_, v)| v.as_u64().unwrap_or(0))
+                    .sum()
+            })
             .unwrap_or(0);
-        let kernel_drops = metric_sum(m, "kedge_kernel_packets_total", &[("class", t.class), ("action", "drop")]);
+        let kernel_drops = metric_sum(
+            m,
+            "kedge_kernel_packets_total",
+            &[("class", t.class), ("action", "drop")],
+        );
         out += &format!(
             "{:<16} {:<12} {:>8} {:>9} {:>9} {:>10} {:>9.1}\n",
-            t.name, t.class, load["ok"].as_u64().unwrap_or(0), refused,
-            load["connect_failures"].as_u64().unwrap_or(0), kernel_drops,
+            t.name,
+            t.class,
+            load["ok"].as_u64().unwrap_or(0),
+            refused,
+            load["connect_failures"].as_u64().unwrap_or(0),
+            kernel_drops,
             load["latency_ms"]["p99"].as_f64().unwrap_or(0.0)
         );
     }
@@ -255,9 +349,16 @@ fn render(teams: &[Team], work: &Path, m: &str, elapsed: Duration, seconds: u64)
     let reasons = label_values(m, "kedge_route_decisions_total", "reason");
     let mut parts = BTreeMap::new();
     for r in &reasons {
-        parts.insert(r.clone(), metric_sum(m, "kedge_route_decisions_total", &[("reason", r)]));
+        parts.insert(
+            r.clone(),
+            metric_sum(m, "kedge_route_decisions_total", &[("reason", r)]),
+        );
     }
-    out += &parts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("  ");
+    out += &parts
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("  ");
     out += &format!(
         "\nGPU utilization: {:.0}%   admission (batch class): {:.0}‰   queued now: {:.0}\n",
         metric_sum(m, "kedge_gpu_utilization_ratio", &[]) * 100.0,
@@ -266,7 +367,11 @@ fn render(teams: &[Team], work: &Path, m: &str, elapsed: Duration, seconds: u64)
     );
     for scope in label_values(m, "kedge_budget_used_ratio", "scope") {
         for limit in label_values(m, "kedge_budget_used_ratio", "limit") {
-            let used = metric_sum(m, "kedge_budget_used_ratio", &[("scope", &scope), ("limit", &limit)]);
+            let used = metric_sum(
+                m,
+                "kedge_budget_used_ratio",
+                &[("scope", &scope), ("limit", &limit)],
+            );
             if used > 0.0 {
                 out += &format!("budget {scope} {limit}: {:.0}% used\n", used * 100.0);
             }

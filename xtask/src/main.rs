@@ -272,8 +272,17 @@ fn bench(args: &[String]) -> Result<()> {
             bench_proxy::run(&root(), seconds)
         }
         Some("flood") => {
-            let seconds = args.get(1).map_or(Ok(10.0), |s| s.parse()).context("SECONDS")?;
-            status(ebpf_toolchain_env(&mut cargo()).args(["build", "--release", "-p", "kedge", "--bins"]))?;
+            let seconds = args
+                .get(1)
+                .map_or(Ok(10.0), |s| s.parse())
+                .context("SECONDS")?;
+            status(ebpf_toolchain_env(&mut cargo()).args([
+                "build",
+                "--release",
+                "-p",
+                "kedge",
+                "--bins",
+            ]))?;
             bench_flood::run(&root(), seconds)
         }
         _ => bail!("usage: cargo xtask bench <proxy|flood> [SECONDS]"),
@@ -332,15 +341,22 @@ fn install() -> Result<()> {
     }
     if Path::new("/run/systemd/system").exists() {
         status(Command::new("systemctl").arg("daemon-reload"))?;
-        println!("install: systemd reloaded; edit /etc/kedge/kedge.toml, then `systemctl enable --now kedge`");
+        println!(
+            "install: systemd reloaded; edit /etc/kedge/kedge.toml, then `systemctl enable --now kedge`"
+        );
     } else {
-        println!("install: systemd is not running here; start with `kedge run --config /etc/kedge/kedge.toml`");
+        println!(
+            "install: systemd is not running here; start with `kedge run --config /etc/kedge/kedge.toml`"
+        );
     }
     Ok(())
 }
 
 fn demo(args: &[String]) -> Result<()> {
-    let seconds = args.first().map_or(Ok(60), |s| s.parse()).context("SECONDS")?;
+    let seconds = args
+        .first()
+        .map_or(Ok(60), |s| s.parse())
+        .context("SECONDS")?;
     status(ebpf_toolchain_env(&mut cargo()).args(["build", "--release", "-p", "kedge", "--bins"]))?;
     demo::run(&root(), seconds)
 }

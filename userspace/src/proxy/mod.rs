@@ -543,7 +543,13 @@ impl Proxy {
             let permit = self.acquire(backend, job).await?;
             let guard = route.begin(arm);
             let outcome = self
-                .send_to(backend, ctx.endpoint, &upstream_model, parsed, headers.clone())
+                .send_to(
+                    backend,
+                    ctx.endpoint,
+                    &upstream_model,
+                    parsed,
+                    headers.clone(),
+                )
                 .await;
             let failure = match outcome {
                 Ok(resp) if more && is_retryable_status(resp.status()) => {
@@ -744,13 +750,8 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ApiError> {
         let b = &self.backends[backend];
         let body = parsed.upstream_body(upstream_model, b.stream_usage);
-        b.send(
-            Method::POST,
-            endpoint.path(),
-            headers,
-            Bytes::from(body),
-        )
-        .await
+        b.send(Method::POST, endpoint.path(), headers, Bytes::from(body))
+            .await
     }
 
     /// The client's headers, minus what is for kedge or for this hop only.
