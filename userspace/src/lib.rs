@@ -17,6 +17,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod notify;
 pub mod openai;
+pub mod probe;
 pub mod proxy;
 pub mod route;
 pub mod schedule;

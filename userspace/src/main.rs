@@ -49,6 +49,28 @@ enum Command {
         #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
         config: PathBuf,
     },
+    /// Measure how much a backend sustains before its latency degrades, and
+    /// print the `max_in_flight` and rate to configure.
+    ProbeCapacity {
+        #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
+        config: PathBuf,
+        /// A `[[backend]]` name.
+        #[arg(long)]
+        backend: String,
+        /// Model to ask for (default: what the routes send this backend).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: u64,
+        /// Median latency may grow to this multiple of a lone request's.
+        #[arg(long, default_value_t = 2.0)]
+        latency_bound: f64,
+        #[arg(long, default_value_t = 256)]
+        max_concurrency: usize,
+        /// Seconds per concurrency step.
+        #[arg(long, default_value_t = 5.0)]
+        step_seconds: f64,
+    },
     /// Spend per tenant and route from the usage ledger.
     Usage {
         #[arg(long, short, default_value = "/etc/kedge/kedge.toml")]
@@ -135,6 +157,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|c| c.raw.kernel.pin_root)
                 .unwrap_or_else(|_| PathBuf::from("/sys/fs/bpf/kedge"));
             print!("{}", kedge::status::render_maps(&root));
+            Ok(())
+        }
+        Command::ProbeCapacity {
+            config,
+            backend,
+            model,
+            max_tokens,
+            latency_bound,
+            max_concurrency,
+            step_seconds,
+        } => {
+            let cfg = kedge::config::load(&config)?;
+            let opts = kedge::probe::ProbeOptions {
+                backend,
+                model,
+                max_tokens,
+                latency_bound,
+                max_concurrency,
+                step: std::time::Duration::from_secs_f64(step_seconds),
+            };
+            let report = kedge::probe::run_blocking(&cfg, &opts)?;
+            print!("{}", kedge::probe::render(&report, &opts));
             Ok(())
         }
         Command::Usage { config, from, to } => {

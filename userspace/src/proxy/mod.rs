@@ -15,7 +15,7 @@ pub mod headers;
 mod server;
 mod stream;
 pub mod tls;
-mod upstream;
+pub mod upstream;
 
 use std::{
     net::SocketAddr,
