@@ -9,6 +9,10 @@ use std::{net::SocketAddr, thread, time::Duration};
 use support::{Kedge, Sim, http_post, metric_value, wait_until};
 
 fn start(sim: SocketAddr, policy: &str) -> (Kedge, SocketAddr) {
+    start_with(sim, policy, "")
+}
+
+fn start_with(sim: SocketAddr, policy: &str, schedule_extra: &str) -> (Kedge, SocketAddr) {
     let port = support::free_port("127.0.0.1");
     let cfg = format!(
         r#"
@@ -36,6 +40,7 @@ url = "http://{sim}"
 [schedule]
 policy = "{policy}"
 max_in_flight = 1
+{schedule_extra}
 
 [[schedule.class]]
 name = "batch"
@@ -213,4 +218,50 @@ fn a_client_that_leaves_the_queue_frees_its_place() {
         1.0,
         "{m}"
     );
+}
+
+#[test]
+fn a_persistently_full_queue_lowers_its_class_admission() {
+    let sim = Sim::start(&[
+        "--slots",
+        "4",
+        "--ttft-ms",
+        "0",
+        "--decode-ms-per-token",
+        "100",
+    ]);
+    let (kedge, addr) = start_with(
+        sim.addr,
+        "strict",
+        "feedback = { high = 0.9, low = 0.5, hold_full_ms = 300, hold_drained_ms = 300 }",
+    );
+    let admission = |k: &Kedge| {
+        metric_value(
+            &k.metrics(),
+            "kedge_admission_permille",
+            &[("class", "batch")],
+        )
+    };
+    assert_eq!(admission(&kedge), 1000.0);
+    // One in flight (~1 s each) and the batch queue (max 3) full.
+    let clients: Vec<_> = (0..4).map(|_| send(addr, "batch")).collect();
+    wait_until(Duration::from_secs(5), "the batch queue full", || {
+        metric_value(&kedge.metrics(), "kedge_queue_depth", &[("class", "batch")]) == 3.0
+    });
+    wait_until(Duration::from_secs(5), "batch admission cut", || {
+        admission(&kedge) < 1000.0
+    });
+    let m = kedge.metrics();
+    assert_eq!(
+        metric_value(&m, "kedge_admission_permille", &[("class", "interactive")]),
+        1000.0,
+        "{m}"
+    );
+    for c in clients {
+        c.join().unwrap();
+    }
+    // Drained: admission recovers.
+    wait_until(Duration::from_secs(10), "batch admission restored", || {
+        admission(&kedge) == 1000.0
+    });
 }
