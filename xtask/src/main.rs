@@ -5,6 +5,7 @@
 //! - `test`: the test command of the README (unit + end-to-end; root for the kernel tests).
 //! - `run [CONFIG]`: build and run the daemon.
 //! - `lint`: rustfmt and clippy, warnings denied.
+//! - `bench kernel`: per-packet cost of the eBPF programs (BPF_PROG_TEST_RUN; root).
 //!
 //! Every command but `setup` first checks the toolchain and stops with one clear
 //! sentence when something is missing.
@@ -41,8 +42,9 @@ fn main() -> ExitCode {
         Some("test") => check().and_then(|_| test(&args[1..])),
         Some("run") => check().and_then(|_| run(args.get(1).map(String::as_str))),
         Some("lint") => check().and_then(|_| lint()),
+        Some("bench") => check().and_then(|_| bench(args.get(1).map(String::as_str))),
         _ => {
-            eprintln!("usage: cargo xtask <setup|build|test|run [CONFIG]|lint>");
+            eprintln!("usage: cargo xtask <setup|build|test|run [CONFIG]|lint|bench kernel>");
             return ExitCode::from(2);
         }
     };
@@ -221,6 +223,18 @@ fn run(config: Option<&str>) -> Result<()> {
             .args(["run", "--config", config])
             .current_dir(root()),
     )
+}
+
+/// Runs a benchmark binary of `userspace/benches/` (release build). Only
+/// `kernel` exists: it measures the eBPF programs with BPF_PROG_TEST_RUN.
+fn bench(which: Option<&str>) -> Result<()> {
+    match which {
+        Some("kernel") => status(
+            ebpf_toolchain_env(&mut cargo())
+                .args(["bench", "-p", "kedge", "--bench", "kernel", "--", "kernel"]),
+        ),
+        _ => bail!("usage: cargo xtask bench kernel"),
+    }
 }
 
 fn lint() -> Result<()> {
