@@ -271,18 +271,17 @@ fn fill_nets_v4(id: u32, n: u32) -> Result<()> {
     trie.insert(&Key::new(24, [10, 1, 2, 0]), entry, 0)?;
     trie.insert(&Key::new(32, [10, 1, 2, 9]), entry, 0)?;
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut added = 0;
-    while added < n {
+    // Exact keys already in: the trie's `get` is a longest-prefix lookup.
+    let mut seen = std::collections::HashSet::new();
+    while (seen.len() as u32) < n {
         // xorshift64: deterministic, no dependency.
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         let len = 8 + (state >> 59) as u32 % 25;
         let addr = ((state >> 16) as u32) & (u32::MAX << (32 - len));
-        let key = Key::new(len, addr.to_be_bytes());
-        if trie.get(&key, 0).is_err() {
-            trie.insert(&key, entry, 0)?;
-            added += 1;
+        if seen.insert((len, addr)) {
+            trie.insert(&Key::new(len, addr.to_be_bytes()), entry, 0)?;
         }
     }
     Ok(())
