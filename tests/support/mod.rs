@@ -485,3 +485,114 @@ pub fn try_http_post(
     s.read_to_string(&mut out).ok()?;
     (!out.is_empty()).then_some(out)
 }
+
+/// Several client namespaces behind one host interface (where kedge attaches):
+/// the host's veth peer sits in a switch namespace on a bridge, and each client
+/// namespace hangs off that bridge with its own veth pair. All on
+/// 198.18.<id>.0/24; the host end is `.1`.
+pub struct SwitchedNet {
+    pub id: usize,
+    pub host_if: String,
+    pub host_ip: String,
+    switch: String,
+    /// Client namespace names, in the order given to `new`.
+    pub clients: Vec<String>,
+}
+
+impl SwitchedNet {
+    /// One client namespace per entry of `clients`, holding those host numbers.
+    pub fn new(clients: &[&[u8]]) -> SwitchedNet {
+        let id = unique_id();
+        let pid = std::process::id() % 100_000;
+        let mut net = SwitchedNet {
+            id,
+            host_if: format!("kh{pid}-{id}"),
+            host_ip: format!("198.18.{id}.1"),
+            switch: format!("kedge-s{pid}-{id}"),
+            clients: Vec::new(),
+        };
+        let uplink = format!("ks{pid}-{id}");
+        let _ = Command::new("ip")
+            .args(["link", "del", &net.host_if])
+            .output();
+        run("ip", &["netns", "add", &net.switch]);
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &net.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &uplink,
+            ],
+        );
+        run("ip", &["link", "set", &uplink, "netns", &net.switch]);
+        let host_addr = format!("{}/24", net.host_ip);
+        run("ip", &["addr", "add", &host_addr, "dev", &net.host_if]);
+        run("ip", &["link", "set", &net.host_if, "up"]);
+        let sw = net.switch.clone();
+        run("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        run(
+            "ip",
+            &["-n", &sw, "link", "set", &uplink, "master", "br0", "up"],
+        );
+        run("ip", &["-n", &sw, "link", "set", "br0", "up"]);
+        for (i, hosts) in clients.iter().enumerate() {
+            let ns = format!("kedge-c{pid}-{id}-{i}");
+            let (port, nic) = (format!("kb{pid}-{id}{i}"), format!("kc{pid}-{id}{i}"));
+            run("ip", &["netns", "add", &ns]);
+            net.clients.push(ns.clone());
+            run(
+                "ip",
+                &["link", "add", &port, "type", "veth", "peer", "name", &nic],
+            );
+            run("ip", &["link", "set", &port, "netns", &sw]);
+            run("ip", &["link", "set", &nic, "netns", &ns]);
+            run(
+                "ip",
+                &["-n", &sw, "link", "set", &port, "master", "br0", "up"],
+            );
+            for h in *hosts {
+                let addr = format!("198.18.{id}.{h}/24");
+                run("ip", &["-n", &ns, "addr", "add", &addr, "dev", &nic]);
+            }
+            run("ip", &["-n", &ns, "link", "set", &nic, "up"]);
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    pub fn client_ip(&self, host: u8) -> String {
+        format!("198.18.{}.{host}", self.id)
+    }
+}
+
+impl Drop for SwitchedNet {
+    fn drop(&mut self) {
+        for ns in self.clients.iter().chain([&self.switch]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (sockets it creates
+/// belong to that namespace) and returns its result.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid namespace fd; only this thread changes namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}

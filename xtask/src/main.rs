@@ -5,6 +5,7 @@
 //! - `test`: the test command of the README (unit + end-to-end; root for the kernel tests).
 //! - `run [CONFIG]`: build and run the daemon.
 //! - `lint`: rustfmt and clippy, warnings denied.
+//! - `bench kernel`: per-packet cost of the eBPF programs (BPF_PROG_TEST_RUN; root).
 //!
 //! Every command but `setup` first checks the toolchain and stops with one clear
 //! sentence when something is missing.
@@ -52,7 +53,7 @@ fn main() -> ExitCode {
         Some("demo") => setup().and_then(|_| demo(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|build|test|run [CONFIG]|lint|install|demo [SECONDS]|bench proxy [SECONDS]>"
+                "usage: cargo xtask <setup|build|test|run [CONFIG]|lint|install|demo [SECONDS]|bench <kernel|proxy|flood> [SECONDS]>"
             );
             return ExitCode::from(2);
         }
@@ -257,6 +258,11 @@ fn replace_section(path: &Path, name: &str, content: &str) -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
+        // BPF_PROG_TEST_RUN figures for the eBPF programs (userspace/benches/kernel.rs).
+        Some("kernel") => status(
+            ebpf_toolchain_env(&mut cargo())
+                .args(["bench", "-p", "kedge", "--bench", "kernel", "--", "kernel"]),
+        ),
         Some("proxy") => {
             let seconds = args
                 .get(1)
@@ -285,7 +291,7 @@ fn bench(args: &[String]) -> Result<()> {
             ]))?;
             bench_flood::run(&root(), seconds)
         }
-        _ => bail!("usage: cargo xtask bench <proxy|flood> [SECONDS]"),
+        _ => bail!("usage: cargo xtask bench <kernel|proxy|flood> [SECONDS]"),
     }
 }
 

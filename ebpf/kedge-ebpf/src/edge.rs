@@ -40,18 +40,23 @@ static COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new
 
 #[classifier]
 pub fn kedge_tc(ctx: TcContext) -> i32 {
-    // SYNs are tiny and arrive linear; a GRO'd or paged skb may not be, and the
-    // parser only sees the linear part, so pull the headers in when needed.
-    let linear = ctx.data_end() - ctx.data();
-    if linear < HEADERS_MAX && (linear as u32) < ctx.len() {
-        let want = if ctx.len() < HEADERS_MAX as u32 {
-            ctx.len()
-        } else {
-            HEADERS_MAX as u32
-        };
-        let _ = ctx.pull_data(want);
+    let Some(settings) = settings() else {
+        return TC_ACT_UNSPEC;
+    };
+    let mut seen = parse(ctx.data(), ctx.data_end());
+    if let Parse::Short = seen {
+        // The parser sees only the skb's linear part. A paged skb (GRO, some
+        // drivers) can keep headers outside it: pull them in and look again.
+        // Only packets whose headers did not fit pay for this.
+        let len = ctx.len();
+        if ((ctx.data_end() - ctx.data()) as u32) < len {
+            let want = if len < HEADERS_MAX { len } else { HEADERS_MAX };
+            if ctx.pull_data(want).is_ok() {
+                seen = parse(ctx.data(), ctx.data_end());
+            }
+        }
     }
-    match decide(ctx.data(), ctx.data_end()) {
+    match decide(settings, seen, ctx.data(), ctx.data_end()) {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT as i32,
         Verdict::Tag(mark) => {
@@ -63,7 +68,11 @@ pub fn kedge_tc(ctx: TcContext) -> i32 {
 
 #[xdp]
 pub fn kedge_xdp(ctx: XdpContext) -> u32 {
-    match decide(ctx.data(), ctx.data_end()) {
+    let Some(settings) = settings() else {
+        return xdp_action::XDP_PASS;
+    };
+    let seen = parse(ctx.data(), ctx.data_end());
+    match decide(settings, seen, ctx.data(), ctx.data_end()) {
         Verdict::Drop => xdp_action::XDP_DROP,
         // XDP has no mark: the daemon reads the same LPM maps for the tag.
         Verdict::Pass | Verdict::Tag(_) => xdp_action::XDP_PASS,
@@ -95,7 +104,7 @@ enum Verdict {
 }
 
 /// Ethernet + one VLAN tag + IPv6 + a few extension headers + TCP.
-const HEADERS_MAX: usize = 128;
+const HEADERS_MAX: u32 = 128;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -129,9 +138,11 @@ fn count(class: u32, reason: Reason) {
     }
 }
 
-/// Where the source came from and what the TCP header says.
+/// Where the headers are and what the TCP header says. Offsets only: the
+/// established path never reads, let alone copies, the source address.
 struct Parsed {
-    src: SourceKey,
+    /// Offset of the IP header.
+    l3: usize,
     is_v4: bool,
     dst_port: u16,
     flags: u8,
@@ -139,35 +150,49 @@ struct Parsed {
 
 enum Parse {
     Tcp(Parsed),
-    /// Not TCP/IP, or a later IPv4 fragment: not ours.
+    /// Not TCP/IP, or a later fragment: not ours.
     Other,
+    /// A header runs past the end of what the program can see: truncated (or,
+    /// in tc, not yet pulled into the linear part).
+    Short,
+    /// A header that makes no sense (bad IPv4 version or header length).
     Malformed,
+    /// IPv6 extension headers we do not walk.
     Unparsed,
+}
+
+/// Settings, if the program is to act at all.
+#[inline(always)]
+fn settings() -> Option<&'static Settings> {
+    let settings = SETTINGS.get(0)?;
+    if settings.flags & SETTINGS_ENABLED == 0 {
+        return None;
+    }
+    Some(settings)
 }
 
 #[inline(always)]
 fn parse(start: usize, end: usize) -> Parse {
     let Some(eth) = bytes_at(start, end, 0, ETH_HLEN) else {
-        return Parse::Malformed;
+        return Parse::Short;
     };
     // SAFETY: 14 bytes checked above.
     let mut proto = be16(unsafe { eth.add(12) });
     let mut l3 = ETH_HLEN;
     if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
         let Some(tag) = bytes_at(start, end, ETH_HLEN, 4) else {
-            return Parse::Malformed;
+            return Parse::Short;
         };
         // SAFETY: 4 bytes checked above.
         proto = be16(unsafe { tag.add(2) });
         l3 = ETH_HLEN + 4;
     }
 
-    let mut src = SourceKey::default();
     let l4;
     let is_v4;
     if proto == ETH_P_IP {
         let Some(ip) = bytes_at(start, end, l3, 20) else {
-            return Parse::Malformed;
+            return Parse::Short;
         };
         // SAFETY: 20 bytes of IPv4 header checked above.
         let (vihl, frag, l4proto) = unsafe { (*ip, be16(ip.add(6)), *ip.add(9)) };
@@ -182,35 +207,20 @@ fn parse(start: usize, end: usize) -> Parse {
         if vihl >> 4 != 4 || ihl < 5 {
             return Parse::Malformed;
         }
-        src.addr[10] = 0xff;
-        src.addr[11] = 0xff;
-        // SAFETY: bytes 12..16 are inside the 20 checked bytes.
-        unsafe {
-            src.addr[12] = *ip.add(12);
-            src.addr[13] = *ip.add(13);
-            src.addr[14] = *ip.add(14);
-            src.addr[15] = *ip.add(15);
-        }
         l4 = l3 + ihl * 4;
         is_v4 = true;
     } else if proto == ETH_P_IPV6 {
         let Some(ip) = bytes_at(start, end, l3, 40) else {
-            return Parse::Malformed;
+            return Parse::Short;
         };
         // SAFETY: 40 bytes of IPv6 header checked above.
         let mut next = unsafe { *ip.add(6) };
-        let mut i = 0;
-        while i < 16 {
-            // SAFETY: source address is bytes 8..24 of the checked header.
-            src.addr[i] = unsafe { *ip.add(8 + i) };
-            i += 1;
-        }
         let mut off = l3 + 40;
         // Walk a bounded number of the extension headers a SYN may carry.
         let mut hops = 0;
         while hops < 4 && next != IPPROTO_TCP {
             let Some(ext) = bytes_at(start, end, off, 8) else {
-                return Parse::Malformed;
+                return Parse::Short;
             };
             // SAFETY: 8 bytes checked above.
             let (nh, len) = unsafe { (*ext, *ext.add(1)) };
@@ -243,23 +253,29 @@ fn parse(start: usize, end: usize) -> Parse {
     }
 
     let Some(tcp) = bytes_at(start, end, l4, 20) else {
-        return Parse::Malformed;
+        return Parse::Short;
     };
     // SAFETY: 20 bytes of TCP header checked above.
     let (dst_port, flags) = unsafe { (be16(tcp.add(2)), *tcp.add(13)) };
     Parse::Tcp(Parsed {
-        src,
+        l3,
         is_v4,
         dst_port,
         flags,
     })
 }
 
+/// `sync` fills the ports from slot 0 on, so the first empty slot ends the list:
+/// a one-port config costs one comparison.
 #[inline(always)]
 fn is_proxy_port(settings: &Settings, port: u16) -> bool {
     let mut i = 0;
     while i < MAX_PORTS {
-        if settings.ports[i] == port && port != 0 {
+        let p = settings.ports[i];
+        if p == 0 {
+            return false;
+        }
+        if p == port {
             return true;
         }
         i += 1;
@@ -280,21 +296,40 @@ fn charged(tat: u64, now: u64, interval: u64) -> u64 {
     (if tat > now { tat } else { now }) + interval
 }
 
+/// The source address, IPv4 as `::ffff:a.b.c.d` (the per-source bucket key).
 #[inline(always)]
-fn classify(p: &Parsed, default_class: u32) -> NetEntry {
-    let found = if p.is_v4 {
-        let key = Key::new(
-            32,
-            [
-                p.src.addr[12],
-                p.src.addr[13],
-                p.src.addr[14],
-                p.src.addr[15],
-            ],
-        );
+fn source(p: &Parsed, start: usize, end: usize) -> Option<SourceKey> {
+    let mut src = SourceKey::default();
+    if p.is_v4 {
+        let ip = bytes_at(start, end, p.l3, 20)?;
+        src.addr[10] = 0xff;
+        src.addr[11] = 0xff;
+        // SAFETY: bytes 12..16 are inside the 20 checked bytes.
+        unsafe {
+            src.addr[12] = *ip.add(12);
+            src.addr[13] = *ip.add(13);
+            src.addr[14] = *ip.add(14);
+            src.addr[15] = *ip.add(15);
+        }
+    } else {
+        let ip = bytes_at(start, end, p.l3, 40)?;
+        let mut i = 0;
+        while i < 16 {
+            // SAFETY: the source address is bytes 8..24 of the checked header.
+            src.addr[i] = unsafe { *ip.add(8 + i) };
+            i += 1;
+        }
+    }
+    Some(src)
+}
+
+#[inline(always)]
+fn classify(src: &SourceKey, is_v4: bool, default_class: u32) -> NetEntry {
+    let found = if is_v4 {
+        let key = Key::new(32, [src.addr[12], src.addr[13], src.addr[14], src.addr[15]]);
         NETS_V4.get(&key).copied()
     } else {
-        NETS_V6.get(&Key::new(128, p.src.addr)).copied()
+        NETS_V6.get(&Key::new(128, src.addr)).copied()
     };
     match found {
         Some(entry) if entry.class < MAX_CLASSES => entry,
@@ -306,17 +341,11 @@ fn classify(p: &Parsed, default_class: u32) -> NetEntry {
 }
 
 #[inline(always)]
-fn decide(start: usize, end: usize) -> Verdict {
-    let Some(settings) = SETTINGS.get(0) else {
-        return Verdict::Pass;
-    };
-    if settings.flags & SETTINGS_ENABLED == 0 {
-        return Verdict::Pass;
-    }
-    let p = match parse(start, end) {
+fn decide(settings: &Settings, seen: Parse, start: usize, end: usize) -> Verdict {
+    let p = match seen {
         Parse::Tcp(p) => p,
         Parse::Other => return Verdict::Pass,
-        Parse::Malformed => {
+        Parse::Short | Parse::Malformed => {
             count(GLOBAL_SLOT, Reason::Malformed);
             return Verdict::Pass;
         }
@@ -328,15 +357,19 @@ fn decide(start: usize, end: usize) -> Verdict {
     if !is_proxy_port(settings, p.dst_port) {
         return Verdict::Pass;
     }
-    if p.flags & TCP_FLAG_SYN == 0 || p.flags & TCP_FLAG_ACK != 0 {
+    if p.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
         // The cheap path: no lookup, no bucket, one per-CPU increment.
         count(GLOBAL_SLOT, Reason::Established);
         return Verdict::Pass;
     }
 
-    let entry = classify(&p, settings.default_class);
+    // Parsed a moment ago from the same bytes: cannot fail.
+    let Some(src) = source(&p, start, end) else {
+        return Verdict::Pass;
+    };
+    let entry = classify(&src, p.is_v4, settings.default_class);
     let class = entry.class;
-    match admit(&p, &entry) {
+    match admit(&src, &entry) {
         Some(reason) => {
             count(class, reason);
             Verdict::Drop
@@ -355,7 +388,7 @@ fn decide(start: usize, end: usize) -> Verdict {
 /// The checks a new connection must pass, cheapest and most final first.
 /// Returns the drop reason, or `None` to admit.
 #[inline(always)]
-fn admit(p: &Parsed, entry: &NetEntry) -> Option<Reason> {
+fn admit(src: &SourceKey, entry: &NetEntry) -> Option<Reason> {
     let class = entry.class;
     let policy = CLASSES.get(class)?;
     if policy.flags & CLASS_DENY != 0 {
@@ -387,7 +420,7 @@ fn admit(p: &Parsed, entry: &NetEntry) -> Option<Reason> {
     // not atomic across CPUs on purpose: a lost update admits at most one extra
     // connection per racing CPU.
     let src_bucket = if policy.source_interval_ns != 0 {
-        let b = SRC_BUCKETS.get_ptr_mut(&p.src);
+        let b = SRC_BUCKETS.get_ptr_mut(src);
         if let Some(b) = b {
             // SAFETY: `b` points into a map value that lives while we run.
             if !conforms(unsafe { (*b).tat_ns }, now, policy.source_tolerance_ns) {
@@ -421,7 +454,7 @@ fn admit(p: &Parsed, entry: &NetEntry) -> Option<Reason> {
         // map evicts, so it only fails under memory pressure.
         Some(None) => {
             let _ = SRC_BUCKETS.insert(
-                &p.src,
+                src,
                 Bucket {
                     tat_ns: now + policy.source_interval_ns,
                 },

@@ -1,0 +1,296 @@
+//! `cargo xtask bench kernel`: what the kernel edge costs per packet.
+//!
+//! BPF_PROG_TEST_RUN runs a program `REPEAT` times on one frame and reports the
+//! mean time per run. We measure the real programs (`kedge_tc`, `kedge_xdp`) on
+//! an established packet (ACK) and on a new connection (SYN taking the full
+//! path: LPM lookup, tenant, both buckets charged, mark), next to the empty
+//! baselines (`kedge_tc_empty`, `kedge_xdp_empty`) in the same rounds, so the
+//! ratios cancel the test-run harness's own cost and the machine's noise. Then
+//! the SYN again with 10, 10 000 and 1 000 000 IPv4 CIDRs in `NETS_V4`.
+//!
+//! A plain binary (`harness = false`), not a test: it needs root and takes a
+//! while, and its output is a table for docs/benchmarks.md, not a verdict.
+
+#[path = "../../tests/support/packet.rs"]
+#[allow(dead_code)]
+mod packet;
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use kedge::kernel::{EdgeMaps, load_unpinned};
+use kedge_common::{Bucket, NetEntry, Reason, SourceKey, counter_slot};
+use packet::{ACK, Packet};
+
+/// Runs per BPF_PROG_TEST_RUN call.
+const REPEAT: u32 = 1_000_000;
+/// Rounds per figure; the median is reported.
+const ROUNDS: usize = 7;
+const PORT: u16 = 8080;
+
+/// One class whose SYNs take every check and are admitted: a tenant, and class
+/// and source buckets (1e6/s, burst 1e6; refilled before every call, so
+/// all `REPEAT` runs of a call conform and charge both buckets).
+const CONFIG: &str = r#"
+[listen]
+addr = "0.0.0.0:8080"
+
+[kernel]
+interface = "lo"
+attach = "tc"
+default_class = "standard"
+
+[[class]]
+name = "interactive"
+priority = 0
+conn_rate = 1000000
+conn_burst = 1000000
+source_conn_rate = 1000000
+source_conn_burst = 1000000
+
+[[class]]
+name = "standard"
+priority = 2
+
+[[network]]
+cidr = "10.1.0.0/16"
+class = "interactive"
+tenant = "product"
+
+[[backend]]
+name = "local"
+url = "http://127.0.0.1:9"
+"#;
+
+/// The source of the measured packets: inside 10.1.0.0/16.
+const SOURCE: &str = "10.1.2.9";
+
+fn main() -> Result<()> {
+    let which = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if which.as_deref().is_some_and(|w| w != "kernel") {
+        return Ok(());
+    }
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the kernel benchmark loads BPF programs: run it as root");
+    }
+    println!(
+        "kedge kernel benchmark: BPF_PROG_TEST_RUN, {REPEAT} runs per call, median of {ROUNDS} rounds"
+    );
+    println!("kernel {}", uname());
+    println!();
+    paths()?;
+    println!();
+    scale()?;
+    Ok(())
+}
+
+struct Bench {
+    ebpf: Ebpf,
+    maps: EdgeMaps,
+    /// Kernel id of NETS_V4, to open a second handle on it (EdgeMaps owns the first).
+    nets_v4_id: u32,
+}
+
+impl Bench {
+    fn new(nets_v4_entries: Option<u32>) -> Result<Bench> {
+        let mut loader = EbpfLoader::new();
+        if let Some(n) = nets_v4_entries {
+            loader.map_max_entries("NETS_V4", n);
+        }
+        let mut ebpf = load_unpinned(&mut loader)?;
+        let nets_v4_id = match ebpf.map("NETS_V4").context("NETS_V4")? {
+            Map::LpmTrie(data) => data.info()?.id(),
+            _ => bail!("NETS_V4 is not an LPM trie"),
+        };
+        let mut maps = EdgeMaps::take(&mut ebpf, true)?;
+        let cfg = kedge::config::parse(Path::new("bench.toml"), CONFIG)?;
+        maps.sync(&cfg)?;
+        for name in ["kedge_tc", "kedge_tc_empty"] {
+            let p: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
+            p.load()?;
+        }
+        for name in ["kedge_xdp", "kedge_xdp_empty"] {
+            let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
+            p.load()?;
+        }
+        Ok(Bench {
+            ebpf,
+            maps,
+            nets_v4_id,
+        })
+    }
+
+    /// Mean nanoseconds per run of `program` on `frame`.
+    /// `syn`: the frame is a SYN the real program must admit on every run.
+    fn once(&mut self, program: &str, frame: &[u8], syn: bool) -> Result<f64> {
+        self.refill_buckets()?;
+        let admitted_before = self.admitted()?;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat: REPEAT,
+            ..Default::default()
+        };
+        let prog = self.ebpf.program(program).context("program")?;
+        let r = if program.starts_with("kedge_tc") {
+            let p: &SchedClassifier = prog.try_into()?;
+            p.test_run(opts)?
+        } else {
+            let p: &Xdp = prog.try_into()?;
+            p.test_run(opts)?
+        };
+        // Every SYN the real program saw must have taken the admitted path,
+        // or we would be timing an early drop.
+        let admitted = self.admitted()? - admitted_before;
+        if program.ends_with("_empty") || !syn {
+            if admitted != 0 {
+                bail!("{program}: {admitted} admissions from a non-SYN or the baseline");
+            }
+        } else if admitted != u64::from(REPEAT) {
+            bail!("{program}: only {admitted} of {REPEAT} SYNs admitted");
+        }
+        // The kernel's own timer: the mean per run in whole nanoseconds, with
+        // time spent rescheduled (other processes on this CPU) left out.
+        Ok(r.duration.as_nanos() as f64)
+    }
+
+    fn admitted(&self) -> Result<u64> {
+        Ok(self.maps.counters()?[counter_slot(0, Reason::Admitted) as usize])
+    }
+
+    /// Empties both buckets: the next call's SYNs have the whole burst.
+    fn refill_buckets(&mut self) -> Result<()> {
+        let mut class: Array<_, Bucket> = Array::try_from(
+            self.ebpf
+                .map_mut("CLASS_BUCKETS")
+                .context("CLASS_BUCKETS")?,
+        )?;
+        class.set(0, Bucket { tat_ns: 0 }, 0)?;
+        let mut sources: HashMap<_, SourceKey, Bucket> =
+            HashMap::try_from(self.ebpf.map_mut("SRC_BUCKETS").context("SRC_BUCKETS")?)?;
+        let keys: Vec<SourceKey> = sources.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            sources.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// Median over rounds; every round measures all `cases` back to back.
+    fn measure(&mut self, cases: &[(&str, &[u8], bool)]) -> Result<Vec<f64>> {
+        let mut samples = vec![Vec::new(); cases.len()];
+        for _ in 0..ROUNDS {
+            for (i, (program, frame, syn)) in cases.iter().enumerate() {
+                samples[i].push(self.once(program, frame, *syn)?);
+            }
+        }
+        Ok(samples.into_iter().map(median).collect())
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn paths() -> Result<()> {
+    let mut bench = Bench::new(None)?;
+    let est = Packet::tcp(SOURCE, PORT, ACK).bytes();
+    let syn = Packet::syn(SOURCE, PORT).bytes();
+    println!(
+        "| attach | empty program | established (ACK) | ratio | new connection (SYN) | ratio |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (attach, prog, empty) in [
+        ("tc", "kedge_tc", "kedge_tc_empty"),
+        ("xdp", "kedge_xdp", "kedge_xdp_empty"),
+    ] {
+        let m = bench.measure(&[
+            (empty, &est, false),
+            (prog, &est, false),
+            (prog, &syn, true),
+        ])?;
+        println!(
+            "| {attach} | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns | {:.2}x |",
+            m[0],
+            m[1],
+            m[1] / m[0],
+            m[2],
+            m[2] / m[0]
+        );
+    }
+    Ok(())
+}
+
+fn scale() -> Result<()> {
+    println!(
+        "| IPv4 CIDRs in NETS_V4 | tc empty | tc SYN | ratio | xdp empty | xdp SYN | ratio | fill time |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for n in [10u32, 10_000, 1_000_000] {
+        let mut bench = Bench::new(Some(n + 16))?;
+        let started = std::time::Instant::now();
+        fill_nets_v4(bench.nets_v4_id, n)?;
+        let fill = started.elapsed();
+        let syn = Packet::syn(SOURCE, PORT).bytes();
+        let m = bench.measure(&[
+            ("kedge_tc_empty", &syn, true),
+            ("kedge_tc", &syn, true),
+            ("kedge_xdp_empty", &syn, true),
+            ("kedge_xdp", &syn, true),
+        ])?;
+        println!(
+            "| {n} | {:.0} ns | {:.0} ns | {:.2}x | {:.0} ns | {:.0} ns | {:.2}x | {:.1} s |",
+            m[0],
+            m[1],
+            m[1] / m[0],
+            m[2],
+            m[3],
+            m[3] / m[2],
+            fill.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Adds `n` distinct prefixes (lengths 8 to 32, spread over the address space
+/// by a fixed pseudo-random sequence) around the config's 10.1.0.0/16, plus a
+/// /24 and a /32 on the path to `SOURCE`, so its lookup walks a deep trie.
+fn fill_nets_v4(id: u32, n: u32) -> Result<()> {
+    let mut trie: LpmTrie<MapData, [u8; 4], NetEntry> =
+        Map::from_map_data(MapData::from_id(id)?)?.try_into()?;
+    // The config's class and tenant for SOURCE, so its path stays the same.
+    let entry = NetEntry {
+        class: 0,
+        tenant: kedge::config::tenant_id("product"),
+    };
+    trie.insert(&Key::new(24, [10, 1, 2, 0]), entry, 0)?;
+    trie.insert(&Key::new(32, [10, 1, 2, 9]), entry, 0)?;
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    // Exact keys already in: the trie's `get` is a longest-prefix lookup.
+    let mut seen = std::collections::HashSet::new();
+    while (seen.len() as u32) < n {
+        // xorshift64: deterministic, no dependency.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let len = 8 + (state >> 59) as u32 % 25;
+        let addr = ((state >> 16) as u32) & (u32::MAX << (32 - len));
+        if seen.insert((len, addr)) {
+            trie.insert(&Key::new(len, addr.to_be_bytes()), entry, 0)?;
+        }
+    }
+    Ok(())
+}
+
+fn uname() -> String {
+    std::process::Command::new("uname")
+        .args(["-srm"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
