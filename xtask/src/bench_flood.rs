@@ -14,7 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+
+use crate::{Proc, sh};
 use serde_json::{Value, json};
 
 struct Net {
@@ -36,29 +38,6 @@ impl Drop for Net {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sh(cmd: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("{cmd} {args:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// Busy and total jiffies of all CPUs.

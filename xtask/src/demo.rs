@@ -16,6 +16,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+use crate::sh;
 use serde_json::Value;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -54,20 +56,6 @@ impl Drop for Demo {
         let _ = std::fs::remove_dir_all(&self.pin_root);
         let _ = std::fs::remove_dir_all(&self.work);
     }
-}
-
-fn sh(cmd: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("{cmd} {args:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 fn http_get(addr: &str, path: &str) -> Option<String> {

@@ -257,6 +257,11 @@ fn replace_section(path: &Path, name: &str, content: &str) -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
+    let seconds = |default: f64| -> Result<f64> {
+        args.get(1)
+            .map_or(Ok(default), |s| s.parse())
+            .context("SECONDS")
+    };
     match args.first().map(String::as_str) {
         // BPF_PROG_TEST_RUN figures for the eBPF programs (userspace/benches/kernel.rs).
         Some("kernel") => status(
@@ -264,34 +269,46 @@ fn bench(args: &[String]) -> Result<()> {
                 .args(["bench", "-p", "kedge", "--bench", "kernel", "--", "kernel"]),
         ),
         Some("proxy") => {
-            let seconds = args
-                .get(1)
-                .map_or(Ok(5.0), |s| s.parse())
-                .context("SECONDS")?;
-            status(ebpf_toolchain_env(&mut cargo()).args([
-                "build",
-                "--release",
-                "-p",
-                "kedge",
-                "--bins",
-            ]))?;
+            let seconds = seconds(5.0)?;
+            build_bins()?;
             bench_proxy::run(&root(), seconds)
         }
         Some("flood") => {
-            let seconds = args
-                .get(1)
-                .map_or(Ok(10.0), |s| s.parse())
-                .context("SECONDS")?;
-            status(ebpf_toolchain_env(&mut cargo()).args([
-                "build",
-                "--release",
-                "-p",
-                "kedge",
-                "--bins",
-            ]))?;
+            let seconds = seconds(10.0)?;
+            build_bins()?;
             bench_flood::run(&root(), seconds)
         }
         _ => bail!("usage: cargo xtask bench <kernel|proxy|flood> [SECONDS]"),
+    }
+}
+
+/// Release build of kedge, kedge-sim and kedge-load (demo and benchmarks).
+fn build_bins() -> Result<()> {
+    status(ebpf_toolchain_env(&mut cargo()).args(["build", "--release", "-p", "kedge", "--bins"]))
+}
+
+/// Runs a command that must succeed; its stderr becomes the error.
+fn sh(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("{cmd} {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A child process killed when dropped (benchmarks and demo clean up on error).
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -363,7 +380,7 @@ fn demo(args: &[String]) -> Result<()> {
         .first()
         .map_or(Ok(60), |s| s.parse())
         .context("SECONDS")?;
-    status(ebpf_toolchain_env(&mut cargo()).args(["build", "--release", "-p", "kedge", "--bins"]))?;
+    build_bins()?;
     demo::run(&root(), seconds)
 }
 
