@@ -12,7 +12,6 @@
 //! while, and its output is a table for docs/benchmarks.md, not a verdict.
 
 #[path = "../../tests/support/packet.rs"]
-#[allow(dead_code)]
 mod packet;
 
 use std::path::Path;
