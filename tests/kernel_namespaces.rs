@@ -164,6 +164,7 @@ fn flood_is_held_to_its_rate_while_high_keeps_connecting(attach: &str) {
     // and, flooded ten times over, at least half of that.
     let allowed = LOW_BURST + LOW_RATE * low.window.as_secs_f64();
     let admitted = low.connected as f64;
+    eprintln!("{attach}: high {high:?}; low {low:?}, bound {allowed:.1}");
     assert!(
         admitted <= allowed + 2.0,
         "low admitted {admitted} in {:?}, more than {allowed:.1}",

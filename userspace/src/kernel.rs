@@ -279,7 +279,7 @@ impl EdgeMaps {
     }
 
     /// Records GPU `index`'s raw load (from NVML), stamped with CLOCK_MONOTONIC
-    /// so it compares with the kernel's `bpf_ktime_get_ns`.
+    /// (the clock base of the kernel's bucket times).
     pub fn set_gpu_load(
         &mut self,
         index: u32,
@@ -318,7 +318,7 @@ impl EdgeMaps {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC in nanoseconds.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

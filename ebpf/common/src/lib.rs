@@ -164,7 +164,7 @@ impl ClassPolicy {
 }
 
 /// State of one GCRA bucket: the theoretical arrival time of the next conforming
-/// connection, in `bpf_ktime_get_ns` (CLOCK_MONOTONIC) nanoseconds.
+/// connection, in `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) nanoseconds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bucket {

@@ -1,7 +1,7 @@
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -412,8 +412,16 @@ fn admit(src: &SourceKey, entry: &NetEntry) -> Option<Reason> {
             }
         }
     }
+    if policy.interval_ns == 0 && policy.source_interval_ns == 0 {
+        // No bucket: skip the clock read too.
+        return None;
+    }
+    // The coarse clock (CLOCK_MONOTONIC_COARSE, one tick of resolution) costs a
+    // memory read; bpf_ktime_get_ns reads the clocksource and was the largest
+    // single cost of a SYN (docs/benchmarks.md). GCRA keeps its bounds with it:
+    // a bucket gains at most one tick of extra credit.
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // Check both buckets, then charge both: a connection the class bucket drops
     // costs its source nothing, and the source bucket comes first so one abusive
     // address is stopped before it is weighed against its class. The updates are
