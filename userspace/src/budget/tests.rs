@@ -779,19 +779,22 @@ fn concurrent_reservations_never_exceed_a_hard_budget_with_max_tokens() {
         out.refusals, 256,
         "every thread ran until the budget refused it"
     );
+    // All 256 reserve at once before anyone commits: at least the ~57 that
+    // fit 60 000 tokens at up to 1 050 each get in (how many more depends on
+    // how the threads interleave later).
     assert!(
-        out.admitted > 100,
+        out.admitted >= 50,
         "the budget was shared by many requests: {}",
         out.admitted
     );
     assert!(
-        out.committed_tokens <= 200_000,
-        "tokens {}",
+        out.committed_tokens <= 60_000,
+        "tokens {} over the hard limit",
         out.committed_tokens
     );
     assert!(
-        out.committed_micros <= 300_000,
-        "micros {}",
+        out.committed_micros <= 120_000,
+        "micros {} over the hard limit",
         out.committed_micros
     );
     // The budget's own books agree with what the threads committed.
