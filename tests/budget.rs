@@ -45,7 +45,7 @@ max_in_flight = 256
 source = "none"
 
 [budget]
-timezone = "Europe/Berlin"
+timezone = "UTC"
 {budget}
 
 [metrics]
@@ -69,6 +69,15 @@ fn ask(addr: SocketAddr, tenant: &str, max_tokens: u64) -> String {
             r#"{{"model":"m","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"hello"}}]}}"#
         ),
     )
+}
+
+/// The UTC day number: a test that spans midnight would see its day budget reset.
+fn utc_day() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400
 }
 
 fn status(resp: &str) -> u16 {
@@ -121,6 +130,7 @@ fn concurrent_requests_never_commit_more_than_a_hard_budget_and_it_survives_rest
         "[[budget.tenant]]\nname = \"acme\"\ntokens_per_day = { max = 3000, mode = \"hard\" }\n\
          [[budget.tenant]]\nname = \"other\"\n",
     );
+    let day = utc_day();
     // 256 concurrent clients, ~104 tokens each, want ~26 600 tokens; 3 000 may pass.
     let served = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
@@ -206,6 +216,10 @@ fn concurrent_requests_never_commit_more_than_a_hard_budget_and_it_survives_rest
     let (prompt, completion): (u64, u64) = (cols[3].parse().unwrap(), cols[4].parse().unwrap());
     assert_eq!(prompt + completion, served, "{table}");
 
+    if utc_day() != day {
+        eprintln!("skipped the restart check: the test ran across midnight UTC");
+        return;
+    }
     // A restart rebuilds the day's usage: the tenant is still over its budget.
     kedge.spawn();
     let r = ask(addr, "acme", 100);
@@ -216,8 +230,8 @@ fn concurrent_requests_never_commit_more_than_a_hard_budget_and_it_survives_rest
         &[("scope", "tenant acme"), ("limit", "tokens_per_day")],
     );
     assert!(
-        used >= (3000 - 2 * 110) as f64 / 3000.0,
-        "used ratio after restart {used}"
+        (used * 3000.0).round() as u64 == served,
+        "used ratio after restart {used}: the ledger must rebuild the day exactly ({served} tokens)"
     );
     // Another tenant has no limits.
     assert_eq!(status(&ask(addr, "other", 5)), 200);
@@ -261,8 +275,10 @@ fn kill_minus_nine_loses_at_most_the_group_commit_window() {
             })
         })
         .collect();
-    support::wait_until(Duration::from_secs(10), "200 answered requests", || {
-        answered.lock().unwrap().len() >= 200
+    // Run long enough that most answers are far older than the loss window.
+    support::wait_until(Duration::from_secs(20), "200 answers over 2 s", || {
+        let a = answered.lock().unwrap();
+        a.len() >= 200 && a[0].1.elapsed() > Duration::from_secs(2)
     });
     let killed_at = Instant::now();
     kedge.kill_hard();
@@ -275,9 +291,23 @@ fn kill_minus_nine_loses_at_most_the_group_commit_window() {
         .map(|r| r.split('|').next().unwrap().to_string())
         .collect();
     let answered = answered.lock().unwrap();
-    // Every request answered more than one window (plus the commit's own time)
-    // before the kill is in the ledger; only the last window may be lost.
-    let bound = Duration::from_millis(50 + 250);
+    // Every request answered more than one window (plus the time to record it
+    // after the answer and to commit, generous for a loaded CI box) before the
+    // kill is in the ledger; only the last window may be lost.
+    let bound = Duration::from_millis(50 + 1000);
+    let old: Vec<_> = answered
+        .iter()
+        .filter(|(_, at)| killed_at.duration_since(*at) > bound)
+        .collect();
+    assert!(
+        old.len() >= 50,
+        "only {} answers older than {bound:?}",
+        old.len()
+    );
+    assert!(
+        old.iter().all(|(id, _)| in_ledger.contains(id)),
+        "an old answer is missing from the ledger"
+    );
     let mut lost = 0;
     for (id, at) in answered.iter() {
         if !in_ledger.contains(id) {
@@ -294,5 +324,5 @@ fn kill_minus_nine_loses_at_most_the_group_commit_window() {
         answered.len(),
         in_ledger.len()
     );
-    assert!(in_ledger.len() + lost >= answered.len());
+    assert!(lost < answered.len());
 }

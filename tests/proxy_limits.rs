@@ -97,7 +97,7 @@ fn a_client_dribbling_its_headers_is_cut_off() {
 }
 
 #[test]
-fn a_silent_connection_is_closed_when_idle() {
+fn a_silent_connection_is_closed_by_the_first_timeout() {
     let up = FakeOpenAi::start();
     let (_kedge, addr) = start(&up);
     let mut s = TcpStream::connect(addr).unwrap();
@@ -106,9 +106,11 @@ fn a_silent_connection_is_closed_when_idle() {
         closed_within(&mut s, Duration::from_secs(5)),
         "a connection that sends nothing must not be held"
     );
+    // A connection that never sends a request head meets the header read
+    // timeout (500 ms) before the idle timeout (700 ms); either way it goes.
     let elapsed = started.elapsed();
     assert!(
-        elapsed >= Duration::from_millis(400),
+        elapsed >= Duration::from_millis(450) && elapsed < Duration::from_secs(3),
         "closed after {elapsed:?}"
     );
 }
@@ -165,5 +167,10 @@ async fn a_stalled_upstream_stream_is_ended() {
     let started = Instant::now();
     let end = next_data(&mut body, Duration::from_secs(5)).await;
     assert!(matches!(end, Some(Err(_))), "{end:?}");
-    assert!(started.elapsed() < Duration::from_secs(3));
+    // Ended by the idle timeout, not by anything sooner.
+    let e = started.elapsed();
+    assert!(
+        e >= Duration::from_millis(400) && e < Duration::from_secs(3),
+        "{e:?}"
+    );
 }

@@ -60,12 +60,19 @@ addr = "{{admin}}"
 /// Sends a chat request of `class` on its own thread; returns the sim's
 /// response id number (the order the upstream served them in) or the status.
 fn send(addr: SocketAddr, class: &'static str) -> thread::JoinHandle<String> {
+    send_long(addr, class, 10)
+}
+
+/// Like [`send`], with `max_tokens` output tokens (the sim's time per request).
+fn send_long(addr: SocketAddr, class: &'static str, max_tokens: u32) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         http_post(
             addr,
             "/v1/chat/completions",
             &[("x-kedge-class", class)],
-            r#"{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#,
+            &format!(
+                r#"{{"model":"m","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"hi"}}]}}"#
+            ),
         )
     })
 }
@@ -91,7 +98,8 @@ fn strict_priority_serves_interactive_before_queued_batch_and_bounds_the_queue()
     let (kedge, addr) = start(sim.addr, "strict");
     let depth = |k: &Kedge| metric_value(&k.metrics(), "kedge_queue_depth", &[("class", "batch")]);
 
-    let blocker = send(addr, "batch");
+    // The blocker holds the one slot for ~2 s while the queues fill.
+    let blocker = send_long(addr, "batch", 50);
     wait_until(Duration::from_secs(5), "the blocker in flight", || {
         metric_value(
             &kedge.metrics(),
@@ -187,7 +195,8 @@ fn a_client_that_leaves_the_queue_frees_its_place() {
         "30",
     ]);
     let (kedge, addr) = start(sim.addr, "strict");
-    let blocker = send(addr, "batch");
+    // ~3 s in flight: the hang-up below happens while it still holds the slot.
+    let blocker = send_long(addr, "batch", 100);
     wait_until(Duration::from_secs(5), "the blocker in flight", || {
         metric_value(
             &kedge.metrics(),
@@ -209,6 +218,15 @@ fn a_client_that_leaves_the_queue_frees_its_place() {
         Duration::from_secs(5),
         "the queue to empty after the hang-up",
         || metric_value(&kedge.metrics(), "kedge_queue_depth", &[("class", "batch")]) == 0.0,
+    );
+    // Emptied by the hang-up, not by the slot freeing: the blocker still runs.
+    assert_eq!(
+        metric_value(
+            &kedge.metrics(),
+            "kedge_queue_in_flight",
+            &[("backend", "gpu")]
+        ),
+        1.0
     );
     assert!(blocker.join().unwrap().contains(" 200 "));
     // Only the blocker ever reached the upstream.
@@ -243,8 +261,16 @@ fn a_persistently_full_queue_lowers_its_class_admission() {
         )
     };
     assert_eq!(admission(&kedge), 1000.0);
-    // One in flight (~1 s each) and the batch queue (max 3) full.
-    let clients: Vec<_> = (0..4).map(|_| send(addr, "batch")).collect();
+    // One in flight for ~3 s and the batch queue (max 3) full behind it.
+    let mut clients = vec![send_long(addr, "batch", 30)];
+    wait_until(Duration::from_secs(5), "the first in flight", || {
+        metric_value(
+            &kedge.metrics(),
+            "kedge_queue_in_flight",
+            &[("backend", "gpu")],
+        ) == 1.0
+    });
+    clients.extend((0..3).map(|_| send(addr, "batch")));
     wait_until(Duration::from_secs(5), "the batch queue full", || {
         metric_value(&kedge.metrics(), "kedge_queue_depth", &[("class", "batch")]) == 3.0
     });

@@ -227,7 +227,7 @@ fn run_scenario(
     if sc.nftables {
         let rules = format!(
             "table inet kedge_bench {{ chain input {{ type filter hook input priority 0; policy accept;\n\
-               tcp dport {PORT} ct state new meter flood {{ ip saddr limit rate over 20/second burst 20 packets }} drop\n}} }}\n"
+               tcp dport {PORT} ct state new meter flood {{ ip saddr limit rate over 20/second burst 20 packets }} drop\n}}\n}}\n"
         );
         let file = work.join("rules.nft");
         std::fs::write(&file, rules)?;

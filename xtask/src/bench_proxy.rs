@@ -128,7 +128,13 @@ pub fn run(root: &Path, seconds: f64) -> Result<()> {
         format!(
             "[listen]\naddr = \"127.0.0.1:{kedge_port}\"\n[kernel]\nattach = \"off\"\n\
              [[class]]\nname = \"standard\"\npriority = 2\n\
+             [[network]]\ncidr = \"127.0.0.0/8\"\nclass = \"standard\"\ntenant = \"bench\"\n\
              [[backend]]\nname = \"sim\"\nurl = \"http://127.0.0.1:{up_port}\"\n\
+             [[route]]\nmodel = \"sim\"\n[[route.arm]]\nbackend = \"sim\"\nkind = \"local\"\nmax_context = 32768\n\
+             [schedule]\npolicy = \"drr\"\nmax_in_flight = 1024\nmax_queue = 4096\n\
+             [gpu]\nsource = \"none\"\n\
+             [budget]\n[[budget.tenant]]\nname = \"bench\"\ntokens_per_minute = {{ max = 1000000000 }}\n\
+             requests_per_minute = {{ max = 100000000 }}\n\
              [metrics]\naddr = \"127.0.0.1:{admin_port}\"\n"
         ),
     )?;
@@ -137,6 +143,7 @@ pub fn run(root: &Path, seconds: f64) -> Result<()> {
             .args(["run", "--config"])
             .arg(&kedge_conf)
             .env("KEDGE_LOG", "warn")
+            .env("STATE_DIRECTORY", &work)
             .stderr(Stdio::null())
             .spawn()
             .context("starting kedge")?,
@@ -215,7 +222,9 @@ fn summarise(rows: &[Value], idle_rss: u64, peak_rss: u64, seconds: f64) -> Stri
     let _ = writeln!(
         md,
         "## Proxy overhead (`cargo xtask bench proxy`)\n\n\
-         Simulated upstream answering instantly (`kedge-sim`, 16 output tokens), {seconds} s per cell, \
+         Simulated upstream answering instantly (`kedge-sim`, 16 output tokens), {seconds} s per cell; \
+         kedge with classification, a routed model, DRR scheduling, a tenant budget (reserve and commit \
+         on every request, SQLite ledger) and metrics all on. \
          load generator `kedge-load` pinned to CPU 0, proxy and upstream on CPU 1. Added latency = \
          proxied p50/p99 minus direct p50/p99 at the same concurrency.\n\n\
          | stream | conc. | direct req/s | nginx req/s | kedge req/s | kedge/nginx throughput | nginx added p50/p99 ms | kedge added p50/p99 ms | kedge/nginx added p99 |\n\

@@ -115,13 +115,13 @@ fn rows_queued_within_one_window_share_one_transaction() {
         BTreeSet::from([0, 50]),
         "all or nothing: one transaction"
     );
-    if enqueued_in < window {
-        assert_eq!(
-            ledger.stats().transactions,
-            1,
-            "one window, one transaction"
-        );
-    }
+    // 50 channel sends take microseconds, far inside the window.
+    assert!(enqueued_in < window, "{enqueued_in:?}");
+    assert_eq!(
+        ledger.stats().transactions,
+        1,
+        "one window, one transaction"
+    );
     assert_eq!(ledger.stats().rows, 50);
     ledger.close().unwrap();
 }
@@ -367,7 +367,7 @@ fn a_killed_writer_loses_at_most_one_window() {
         return record_until_killed(&path);
     }
     // Allowance for writing one transaction (with fsync) on a busy 2-core box.
-    const COMMIT_ALLOWANCE: Duration = Duration::from_millis(250);
+    const COMMIT_ALLOWANCE: Duration = Duration::from_millis(1000);
     let dir = TempDir::new();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -384,7 +384,7 @@ fn a_killed_writer_loses_at_most_one_window() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let started = Instant::now();
     let mut announced = Vec::new(); // (row, when the parent read its line)
-    while announced.len() < 1500 {
+    while announced.len() < 5000 {
         let Some(Ok(line)) = lines.next() else { break };
         if let Some(i) = line.strip_prefix("recorded ") {
             announced.push((i.parse::<u64>().unwrap(), Instant::now()));
@@ -398,7 +398,7 @@ fn a_killed_writer_loses_at_most_one_window() {
     child.wait().unwrap();
     assert_eq!(
         announced.len(),
-        1500,
+        5000,
         "the child did not record (see its output)"
     );
     // Lines still in the pipe were recorded before the kill too.
@@ -427,6 +427,13 @@ fn a_killed_writer_loses_at_most_one_window() {
         .iter()
         .filter(|(i, _)| !present.contains(i))
         .collect();
+    // Never vacuous: rows older than the horizon exist and were kept.
+    assert!(
+        announced
+            .iter()
+            .any(|(i, at)| *at < horizon && present.contains(i)),
+        "no row older than the loss horizon"
+    );
     for (i, at) in &lost {
         assert!(
             *at >= horizon,

@@ -247,6 +247,8 @@ mod tests {
         drop(holder);
         let waited = next.await.unwrap().expect("admitted");
         assert!(waited > Duration::ZERO);
+        // Admitted: the holder and `next`; never the waiter that left.
+        assert_eq!(gate.stats().classes[0].admitted, 2);
         assert_eq!(
             gate.stats().in_flight,
             0,
