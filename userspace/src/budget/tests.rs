@@ -676,7 +676,6 @@ fn xorshift(state: &mut u64) -> u64 {
 struct Outcome {
     committed_tokens: u64,
     committed_micros: u64,
-    refusals: u64,
     admitted: u64,
     max_in_flight: usize,
 }
@@ -693,7 +692,6 @@ fn hammer(b: Arc<Budget>, max_tokens: Option<u64>, actual: fn(&mut u64, u64) -> 
     let all_reserved = Arc::new(Barrier::new(THREADS));
     let tokens = Arc::new(AtomicU64::new(0));
     let micros = Arc::new(AtomicU64::new(0));
-    let refusals = Arc::new(AtomicU64::new(0));
     let admitted = Arc::new(AtomicU64::new(0));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let max_in_flight = Arc::new(AtomicUsize::new(0));
@@ -702,7 +700,7 @@ fn hammer(b: Arc<Budget>, max_tokens: Option<u64>, actual: fn(&mut u64, u64) -> 
         .map(|i| {
             let (b, start, tokens, micros) =
                 (b.clone(), start.clone(), tokens.clone(), micros.clone());
-            let (refusals, admitted) = (refusals.clone(), admitted.clone());
+            let admitted = admitted.clone();
             let (in_flight, max_in_flight) = (in_flight.clone(), max_in_flight.clone());
             let all_reserved = all_reserved.clone();
             thread::spawn(move || {
@@ -729,7 +727,6 @@ fn hammer(b: Arc<Budget>, max_tokens: Option<u64>, actual: fn(&mut u64, u64) -> 
                         thread::yield_now(); // let others reserve while this one "streams"
                     }
                     let Ok(r) = reserved else {
-                        refusals.fetch_add(1, Ordering::Relaxed);
                         return;
                     };
                     let completion = actual(&mut rng, allowance);
@@ -753,7 +750,6 @@ fn hammer(b: Arc<Budget>, max_tokens: Option<u64>, actual: fn(&mut u64, u64) -> 
     Outcome {
         committed_tokens: tokens.load(Ordering::SeqCst),
         committed_micros: micros.load(Ordering::SeqCst),
-        refusals: refusals.load(Ordering::SeqCst),
         admitted: admitted.load(Ordering::SeqCst),
         max_in_flight: max_in_flight.load(Ordering::SeqCst),
     }
