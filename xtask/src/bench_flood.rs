@@ -223,6 +223,11 @@ fn run_scenario(
          [metrics]\naddr = \"127.0.0.1:18982\"\n"
     );
     let path = work.join("kedge.toml");
+    let state = work.join(format!(
+        "state-{}",
+        sc.name.replace([' ', ',', '(', ')'], "_")
+    ));
+    std::fs::create_dir_all(&state)?;
     std::fs::write(&path, config)?;
     if sc.nftables {
         let rules = format!(
@@ -240,7 +245,9 @@ fn run_scenario(
             .args(["run", "--config"])
             .arg(&path)
             .env("KEDGE_LOG", "warn")
-            .env("STATE_DIRECTORY", work)
+            // A fresh ledger per scenario: budgets survive restarts, and the
+            // previous scenario's flood would count against this one's.
+            .env("STATE_DIRECTORY", &state)
             .stderr(Stdio::null())
             .spawn()?,
     );
@@ -307,6 +314,11 @@ fn run_scenario(
         None => Value::Null,
     };
     let (busy1, total1) = cpu_jiffies();
+    let metrics = crate::http_get("127.0.0.1:18982", "/metrics").unwrap_or_default();
+    let kernel: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("kedge_kernel_packets_total{") && l.contains("class=\"flood\""))
+        .collect();
     drop(kedge);
     if sc.nftables {
         let _ = Command::new("nft")
@@ -315,7 +327,9 @@ fn run_scenario(
     }
     let _ = std::fs::remove_dir_all(&pin_root);
     let cpu = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64;
-    Ok(json!({ "scenario": sc.name, "high": high, "flood": flood, "host_cpu_busy_ratio": cpu }))
+    Ok(
+        json!({ "scenario": sc.name, "high": high, "flood": flood, "host_cpu_busy_ratio": cpu, "kernel_flood_counters": kernel }),
+    )
 }
 
 fn summarise(rows: &[Value], seconds: f64) -> String {

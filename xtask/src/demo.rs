@@ -7,8 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::TcpStream,
+    io::Write,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
@@ -17,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::sh;
+use crate::{http_get, sh};
 use serde_json::Value;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -56,15 +55,6 @@ impl Drop for Demo {
         let _ = std::fs::remove_dir_all(&self.pin_root);
         let _ = std::fs::remove_dir_all(&self.work);
     }
-}
-
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: kedge\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
 
 /// Sums samples of `name` whose labels contain every `k="v"` pair.

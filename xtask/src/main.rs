@@ -302,6 +302,18 @@ fn sh(cmd: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A plain HTTP/1.0 GET of a local admin endpoint; the body, or None.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: kedge\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
 /// A child process killed when dropped (benchmarks and demo clean up on error).
 struct Proc(std::process::Child);
 
