@@ -28,7 +28,7 @@ use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
         mpsc,
     },
@@ -144,11 +144,6 @@ const INSERT: &str = "INSERT INTO usage (request_id, tenant, api_key, route, bac
     prompt_tokens, completion_tokens, cached_tokens, cost_micros, started_ns, finished_ns)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
 
-enum Msg {
-    Record(Box<UsageRecord>),
-    Flush(mpsc::SyncSender<Result<(), String>>),
-}
-
 /// Counters of the writer, for `/metrics` and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LedgerStats {
@@ -167,9 +162,31 @@ struct Counters {
     failures: AtomicU64,
 }
 
+/// What the request path hands the writer thread. A row wakes the writer only
+/// when it opens a window (the queue was empty); rows inside the window just
+/// queue, so a busy proxy pays one wake-up per window, not one per request.
+#[derive(Default)]
+struct Queue {
+    rows: Vec<Box<UsageRecord>>,
+    flushes: Vec<mpsc::SyncSender<Result<(), String>>>,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The writer side of the ledger. `Send + Sync`: share it in an `Arc`.
 pub struct Ledger {
-    tx: Option<mpsc::Sender<Msg>>,
+    shared: Arc<Shared>,
     writer: Option<thread::JoinHandle<()>>,
     counters: Arc<Counters>,
 }
@@ -178,16 +195,16 @@ impl Ledger {
     /// Opens (or creates) the ledger and starts its writer thread.
     pub fn open(config: &LedgerConfig) -> anyhow::Result<Ledger> {
         let conn = open_writer(&config.path)?;
-        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
         let counters = Arc::new(Counters::default());
         let window = config.window();
-        let c = counters.clone();
+        let (s, c) = (shared.clone(), counters.clone());
         let writer = thread::Builder::new()
             .name("kedge-ledger".into())
-            .spawn(move || write_loop(conn, rx, window, &c))
+            .spawn(move || write_loop(conn, &s, window, &c))
             .context("cannot start the ledger writer thread")?;
         Ok(Ledger {
-            tx: Some(tx),
+            shared,
             writer: Some(writer),
             counters,
         })
@@ -195,22 +212,28 @@ impl Ledger {
 
     /// Queues one row; it is on disk within one group-commit window.
     pub fn record(&self, record: UsageRecord) {
-        if let Some(tx) = &self.tx
-            && tx.send(Msg::Record(Box::new(record))).is_err()
-        {
-            tracing::error!("ledger writer is gone; a usage row was not recorded");
+        let mut q = self.shared.lock();
+        if q.closed {
+            tracing::error!("ledger is closed; a usage row was not recorded");
+            return;
+        }
+        let opens_window = q.rows.is_empty();
+        q.rows.push(Box::new(record));
+        drop(q);
+        if opens_window {
+            self.shared.wake.notify_one();
         }
     }
 
     /// Writes everything queued so far, now, and waits until it is on disk.
     pub fn flush(&self) -> anyhow::Result<()> {
         let (ack, done) = mpsc::sync_channel(1);
-        self.tx
-            .as_ref()
-            .context("ledger is closed")?
-            .send(Msg::Flush(ack))
-            .ok()
-            .context("ledger writer is gone")?;
+        {
+            let mut q = self.shared.lock();
+            anyhow::ensure!(!q.closed, "ledger is closed");
+            q.flushes.push(ack);
+        }
+        self.shared.wake.notify_one();
         done.recv()
             .context("ledger writer is gone")?
             .map_err(|e| anyhow::anyhow!("ledger write failed: {e}"))
@@ -224,7 +247,8 @@ impl Ledger {
     }
 
     fn stop(&mut self) {
-        drop(self.tx.take());
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
         if let Some(w) = self.writer.take()
             && w.join().is_err()
         {
@@ -242,8 +266,8 @@ impl Ledger {
 }
 
 impl Drop for Ledger {
-    /// The writer drains its queue when the channel closes, so a dropped
-    /// ledger also loses nothing (unless the process dies first).
+    /// The writer drains its queue when closed, so a dropped ledger also loses
+    /// nothing (unless the process dies first).
     fn drop(&mut self) {
         self.stop();
     }
@@ -264,38 +288,30 @@ fn open_writer(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
-fn write_loop(
-    mut conn: Connection,
-    rx: mpsc::Receiver<Msg>,
-    window: Duration,
-    counters: &Counters,
-) {
-    let mut batch: Vec<Box<UsageRecord>> = Vec::new();
-    let mut waiters = Vec::new();
-    // Set when the first row of a batch arrives: the batch is written then.
-    let mut deadline: Option<Instant> = None;
+fn write_loop(mut conn: Connection, shared: &Shared, window: Duration, counters: &Counters) {
     loop {
-        // `None`: time to write (the window has passed, or the channel closed).
-        let (msg, closed) = match deadline {
-            None => match rx.recv() {
-                Ok(m) => (Some(m), false),
-                Err(mpsc::RecvError) => (None, true),
-            },
-            Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
-                Ok(m) => (Some(m), false),
-                Err(mpsc::RecvTimeoutError::Timeout) => (None, false),
-                Err(mpsc::RecvTimeoutError::Disconnected) => (None, true),
-            },
-        };
-        match msg {
-            Some(Msg::Record(r)) => {
-                deadline.get_or_insert_with(|| Instant::now() + window);
-                batch.push(r);
-                continue;
-            }
-            Some(Msg::Flush(ack)) => waiters.push(ack),
-            None => {}
+        let mut q = shared.lock();
+        while q.rows.is_empty() && q.flushes.is_empty() && !q.closed {
+            q = shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
         }
+        // A window opened: let it fill, unless a flush or the close cuts it short.
+        let deadline = Instant::now() + window;
+        while q.flushes.is_empty() && !q.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            q = shared
+                .wake
+                .wait_timeout(q, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let batch = std::mem::take(&mut q.rows);
+        let waiters = std::mem::take(&mut q.flushes);
+        let closed = q.closed;
+        drop(q);
+
         let result = write_batch(&mut conn, &batch).map_err(|e| e.to_string());
         match &result {
             Ok(()) => {
@@ -305,21 +321,23 @@ fn write_loop(
                 if !batch.is_empty() {
                     counters.transactions.fetch_add(1, Ordering::Relaxed);
                 }
-                batch.clear();
-                deadline = None;
             }
             Err(e) => {
                 counters.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(rows = batch.len(), "ledger write failed, retrying: {e}");
-                deadline = Some(Instant::now() + window);
+                // Back in front of anything newer; the next window retries.
+                let mut q = shared.lock();
+                let newer = std::mem::replace(&mut q.rows, batch);
+                q.rows.extend(newer);
             }
         }
-        for w in waiters.drain(..) {
+        for w in waiters {
             let _ = w.send(result.clone());
         }
         if closed {
-            if !batch.is_empty() {
-                tracing::error!(rows = batch.len(), "ledger closed with unwritten rows");
+            let left = shared.lock().rows.len();
+            if left > 0 {
+                tracing::error!(rows = left, "ledger closed with unwritten rows");
             }
             return;
         }

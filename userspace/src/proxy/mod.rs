@@ -434,30 +434,27 @@ impl Proxy {
         };
 
         let now = Instant::now();
-        let task = task::classify(
-            ctx.endpoint.label(),
-            &serde_json::Value::Object(parsed.body.clone()),
-            ctx.prompt_estimate,
-        );
-        let samples = self.gpu.borrow().clone();
-        let states = route.states(
-            now,
-            |arm| {
-                arm.gpus
-                    .iter()
-                    .filter_map(|g| samples.iter().find(|s| s.index == *g))
-                    .map(|s| s.utilization_pct)
-                    .max()
-            },
-            |backend| {
-                self.gates[backend]
-                    .stats()
-                    .classes
-                    .iter()
-                    .map(|c| c.queued as u32)
-                    .sum()
-            },
-        );
+        // Only the score policy weighs task kinds; local_first needs no label.
+        let task = if route.cfg.policy == route::PolicyKind::Score {
+            task::classify(ctx.endpoint.label(), &parsed.body, ctx.prompt_estimate)
+        } else {
+            task::TaskLabel::unclassified()
+        };
+        // The GPU samples are borrowed only while the states are built (no await).
+        let states = {
+            let samples = self.gpu.borrow();
+            route.states(
+                now,
+                |arm| {
+                    arm.gpus
+                        .iter()
+                        .filter_map(|g| samples.iter().find(|s| s.index == *g))
+                        .map(|s| s.utilization_pct)
+                        .max()
+                },
+                |backend| self.gates[backend].queued() as u32,
+            )
+        };
         let request = RouteRequest {
             prompt_tokens: ctx.prompt_estimate,
             max_output_tokens: output,

@@ -3,7 +3,7 @@
 //! requests (tools, JSON mode). Every label comes with the signals that chose it.
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -100,7 +100,7 @@ const PLAN_WORDS: &[&str] = &[
 ];
 
 /// Labels a request body for `endpoint` ("chat", "completions", "embeddings").
-pub fn classify(endpoint: &str, body: &Value, prompt_tokens: u64) -> TaskLabel {
+pub fn classify(endpoint: &str, body: &Map<String, Value>, prompt_tokens: u64) -> TaskLabel {
     let mut signals = Vec::new();
     if endpoint == "embeddings" {
         return TaskLabel {
@@ -114,7 +114,8 @@ pub fn classify(endpoint: &str, body: &Value, prompt_tokens: u64) -> TaskLabel {
         .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
         || body.get("functions").is_some()
         || body
-            .pointer("/response_format/type")
+            .get("response_format")
+            .and_then(|f| f.get("type"))
             .and_then(Value::as_str)
             .is_some_and(|t| t.starts_with("json"));
     let text = last_user_text(body).to_lowercase();
@@ -172,8 +173,19 @@ fn contains_word(text: &str, word: &str) -> bool {
     })
 }
 
+impl TaskLabel {
+    /// For policies that do not look at the task: plain chat, no signals.
+    pub fn unclassified() -> TaskLabel {
+        TaskLabel {
+            kind: TaskKind::Chat,
+            complexity: Complexity::Low,
+            signals: Vec::new(),
+        }
+    }
+}
+
 /// The text of the last user message (chat) or the prompt (completions).
-fn last_user_text(body: &Value) -> String {
+fn last_user_text(body: &Map<String, Value>) -> String {
     if let Some(messages) = body.get("messages").and_then(Value::as_array) {
         let last = messages
             .iter()
@@ -206,6 +218,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn label(endpoint: &str, body: &Value, prompt_tokens: u64) -> TaskLabel {
+        classify(
+            endpoint,
+            body.as_object().expect("a JSON object"),
+            prompt_tokens,
+        )
+    }
+
     fn chat(text: &str) -> Value {
         json!({"model": "m", "messages": [
             {"role": "system", "content": "You summarise everything."},
@@ -215,7 +235,7 @@ mod tests {
 
     #[test]
     fn labels_by_keywords_of_the_last_user_message() {
-        let l = classify("chat", &chat("Please refactor this"), 20);
+        let l = label("chat", &chat("Please refactor this"), 20);
         assert_eq!(l.kind, TaskKind::Code);
         assert!(
             l.signals.contains(&"keyword:refactor".to_string()),
@@ -224,24 +244,24 @@ mod tests {
         );
         // The system prompt says "summarise" but the user asks something else.
         assert_eq!(
-            classify("chat", &chat("How are you today?"), 10).kind,
+            label("chat", &chat("How are you today?"), 10).kind,
             TaskKind::Chat
         );
         assert_eq!(
-            classify("chat", &chat("TL;DR of this article"), 10).kind,
+            label("chat", &chat("TL;DR of this article"), 10).kind,
             TaskKind::Summarise
         );
         assert_eq!(
-            classify("chat", &chat("Make a roadmap for Q3"), 10).kind,
+            label("chat", &chat("Make a roadmap for Q3"), 10).kind,
             TaskKind::Plan
         );
         assert_eq!(
-            classify("chat", &chat("Plan: our offsite"), 10).kind,
+            label("chat", &chat("Plan: our offsite"), 10).kind,
             TaskKind::Plan
         );
         // Word boundaries: "explain" is not "plan", "trust" is not "rust".
         assert_eq!(
-            classify("chat", &chat("explain why I trust you"), 10).kind,
+            label("chat", &chat("explain why I trust you"), 10).kind,
             TaskKind::Chat
         );
     }
@@ -250,31 +270,28 @@ mod tests {
     fn tools_and_json_mode_mean_extract() {
         let mut b = chat("refactor");
         b["response_format"] = json!({"type": "json_object"});
-        assert_eq!(classify("chat", &b, 10).kind, TaskKind::Extract);
+        assert_eq!(label("chat", &b, 10).kind, TaskKind::Extract);
         let mut b = chat("hello");
         b["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
-        assert_eq!(classify("chat", &b, 10).kind, TaskKind::Extract);
+        assert_eq!(label("chat", &b, 10).kind, TaskKind::Extract);
         b["tools"] = json!([]);
-        assert_eq!(classify("chat", &b, 10).kind, TaskKind::Chat);
+        assert_eq!(label("chat", &b, 10).kind, TaskKind::Chat);
     }
 
     #[test]
     fn complexity_follows_prompt_length() {
+        assert_eq!(label("chat", &chat("hi"), 100).complexity, Complexity::Low);
         assert_eq!(
-            classify("chat", &chat("hi"), 100).complexity,
-            Complexity::Low
-        );
-        assert_eq!(
-            classify("chat", &chat("hi"), 1000).complexity,
+            label("chat", &chat("hi"), 1000).complexity,
             Complexity::Medium
         );
         assert_eq!(
-            classify("chat", &chat("hi"), 9000).complexity,
+            label("chat", &chat("hi"), 9000).complexity,
             Complexity::High
         );
         let long = format!("Refactor this: {}", "x".repeat(500));
         assert_eq!(
-            classify("chat", &chat(&long), 100).complexity,
+            label("chat", &chat(&long), 100).complexity,
             Complexity::Medium
         );
     }
@@ -282,12 +299,12 @@ mod tests {
     #[test]
     fn completions_embeddings_and_content_parts() {
         let b = json!({"model": "m", "prompt": "def f(): pass"});
-        assert_eq!(classify("completions", &b, 5).kind, TaskKind::Code);
+        assert_eq!(label("completions", &b, 5).kind, TaskKind::Code);
         assert_eq!(
-            classify("embeddings", &json!({"input": "x"}), 1).kind,
+            label("embeddings", &json!({"input": "x"}), 1).kind,
             TaskKind::Embed
         );
         let b = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "summarize it"}]}]});
-        assert_eq!(classify("chat", &b, 5).kind, TaskKind::Summarise);
+        assert_eq!(label("chat", &b, 5).kind, TaskKind::Summarise);
     }
 }

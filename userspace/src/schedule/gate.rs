@@ -163,6 +163,11 @@ impl Gate {
         self.shared.lock().scheduler.stats()
     }
 
+    /// Requests waiting for this backend (for routing, on every request).
+    pub fn queued(&self) -> usize {
+        self.shared.lock().scheduler.queued()
+    }
+
     /// Queue fullness per class, for [`super::AdmissionController::update`].
     pub fn fullness(&self) -> Vec<f64> {
         self.shared.lock().scheduler.fullness()

@@ -185,6 +185,11 @@ impl Scheduler {
     }
 
     /// Queue fullness per class (0..=1) for the kernel feedback controller.
+    /// Requests waiting, all classes together (cheap: no stats copied).
+    pub fn queued(&self) -> usize {
+        self.classes.iter().map(|c| c.queue.len()).sum()
+    }
+
     pub fn fullness(&self) -> Vec<f64> {
         self.classes
             .iter()
