@@ -167,7 +167,7 @@ struct Counters {
 /// queue, so a busy proxy pays one wake-up per window, not one per request.
 #[derive(Default)]
 struct Queue {
-    rows: Vec<Box<UsageRecord>>,
+    rows: Vec<UsageRecord>,
     flushes: Vec<mpsc::SyncSender<Result<(), String>>>,
     closed: bool,
 }
@@ -218,7 +218,7 @@ impl Ledger {
             return;
         }
         let opens_window = q.rows.is_empty();
-        q.rows.push(Box::new(record));
+        q.rows.push(record);
         drop(q);
         if opens_window {
             self.shared.wake.notify_one();
@@ -352,7 +352,7 @@ fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Box<UsageRecord>]) -> rusqlite::Result<()> {
+fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
