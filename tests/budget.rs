@@ -326,3 +326,92 @@ fn kill_minus_nine_loses_at_most_the_group_commit_window() {
     );
     assert!(lost < answered.len());
 }
+
+#[test]
+fn a_tenant_over_its_hard_budget_is_shed_at_the_edge() {
+    require_kernel!();
+    let net = support::TestNet::new(&[2]);
+    let sim = Sim::start(&["--ttft-ms", "0", "--decode-ms-per-token", "0"]);
+    let port = support::free_port("0.0.0.0");
+    let cfg = format!(
+        r#"
+[listen]
+addr = "0.0.0.0:{port}"
+
+[kernel]
+interface = "{iface}"
+attach = "tc"
+pin_root = "{{pin_root}}"
+
+[[class]]
+name = "standard"
+priority = 2
+
+[[network]]
+cidr = "{client}/32"
+class = "standard"
+tenant = "acme"
+
+[[backend]]
+name = "gpu"
+url = "http://{sim}"
+
+[gpu]
+source = "none"
+
+[budget]
+timezone = "UTC"
+
+[[budget.tenant]]
+name = "acme"
+tokens_per_day = {{ max = 500, mode = "hard" }}
+shed_at_edge = true
+
+[metrics]
+addr = "{{admin}}"
+"#,
+        iface = net.host_if,
+        client = net.client_ip(2),
+        sim = sim.addr,
+    );
+    let kedge = Kedge::start(&cfg);
+    let url = format!("http://{}:{port}/v1/chat/completions", net.host_ip);
+    let body = r#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"hello"}]}"#;
+    let status_json = || -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_kedge"))
+            .args(["status", "--json", "--config"])
+            .arg(&kedge.config)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let acme = |s: &serde_json::Value| {
+        s["tenants"].as_array().unwrap().iter().find(|t| t["name"] == "acme").cloned().unwrap()
+    };
+    assert_eq!(acme(&status_json())["blocked"], false);
+
+    // Spend the day's budget over real connections until kedge refuses (429).
+    let mut refused = false;
+    for _ in 0..20 {
+        let (code, text) = net.curl_post(2, &url, body, 2);
+        assert_eq!(code, 0, "{text}");
+        if text.contains(" 429 ") {
+            refused = true;
+            break;
+        }
+        assert!(text.contains(" 200 "), "{text}");
+    }
+    assert!(refused, "the hard budget never refused");
+
+    // The kernel learns the tenant is spent: its map says so, in the same
+    // numbers /metrics shows, and its new connections die at the edge.
+    support::wait_until(Duration::from_secs(5), "TENANTS blocked", || acme(&status_json())["blocked"] == true);
+    let t = acme(&status_json());
+    assert_eq!(t["tokens_limit"], 500);
+    let used = metric_value(&kedge.metrics(), "kedge_budget_used_ratio", &[("scope", "tenant acme"), ("limit", "tokens_per_day")]);
+    assert_eq!((used * 500.0).round() as u64, t["tokens_used"].as_u64().unwrap(), "map and metrics agree");
+    let (code, text) = net.curl_post(2, &url, body, 1);
+    assert_eq!(code, 28, "a blocked tenant's SYN must be dropped: {text}");
+    let dropped = metric_value(&kedge.metrics(), "kedge_kernel_packets_total", &[("class", "standard"), ("verdict", "tenant_blocked")]);
+    assert!(dropped >= 1.0, "{}", kedge.metrics());
+}

@@ -158,6 +158,26 @@ impl TestNet {
     }
 }
 
+impl TestNet {
+    /// `curl` POST of a JSON body from the namespace with a chosen source
+    /// address: (exit code, response head + body).
+    pub fn curl_post(&self, source_host: u8, url: &str, body: &str, connect_timeout_s: u32) -> (i32, String) {
+        let src = self.client_ip(source_host);
+        let timeout = connect_timeout_s.to_string();
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, "curl", "-sS", "-i", "--interface", &src,
+                "--connect-timeout", &timeout, "--max-time", "10",
+                "-H", "content-type: application/json", "-d", body, url,
+            ])
+            .output()
+            .expect("curl runs");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
 impl Drop for TestNet {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();

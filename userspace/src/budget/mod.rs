@@ -641,6 +641,19 @@ impl LimitState {
         }
     }
 
+    /// Reached in the current window: fully used, or a request was refused
+    /// (what is left cannot serve one), which silences the full-limit alert
+    /// until the window ends.
+    fn reached(&self, now: Timestamp) -> bool {
+        self.committed() >= self.max
+            || self
+                .silent_until
+                .last()
+                .copied()
+                .flatten()
+                .is_some_and(|until| now < until)
+    }
+
     /// When an alert fired now may fire again: the end of the calendar
     /// window, or one period later for a smooth bucket.
     fn silence_until(&self, now: Timestamp) -> Timestamp {
@@ -982,8 +995,7 @@ impl Budget {
                         (a.used() as u128 * b.max as u128).cmp(&(b.used() as u128 * a.max as u128))
                     });
                 let blocked = t.shed_at_edge
-                    && own()
-                        .any(|l| l.hard && l.kind.is_calendar_budget() && l.committed() >= l.max);
+                    && own().any(|l| l.hard && l.kind.is_calendar_budget() && l.reached(now));
                 TenantMirror {
                     tenant: name.clone(),
                     state: TenantState {
