@@ -415,3 +415,60 @@ addr = "{{admin}}"
     let dropped = metric_value(&kedge.metrics(), "kedge_kernel_packets_total", &[("class", "standard"), ("verdict", "tenant_blocked")]);
     assert!(dropped >= 1.0, "{}", kedge.metrics());
 }
+
+#[test]
+fn budget_alerts_reach_the_webhook_once_per_threshold() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    // A webhook receiver that keeps every JSON body it is sent.
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    let received: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let store = received.clone();
+    thread::spawn(move || {
+        for stream in hook.incoming() {
+            let Ok(stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    store.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                    let _ = (&stream).write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
+                    length = 0;
+                }
+            }
+        }
+    });
+    let sim = Sim::start(&["--ttft-ms", "0", "--decode-ms-per-token", "0"]);
+    let (kedge, addr) = start(
+        sim.addr,
+        &format!(
+            "alert_fractions = [0.5]\nwebhook_url = \"http://{hook_addr}/alerts\"\n\
+             [[budget.tenant]]\nname = \"acme\"\ntokens_per_day = {{ max = 300, mode = \"soft\" }}\n"
+        ),
+    );
+    // Soft: every request passes; usage crosses 50 % and then 100 %.
+    for _ in 0..8 {
+        assert_eq!(status(&ask(addr, "acme", 50)), 200);
+    }
+    support::wait_until(Duration::from_secs(5), "two alerts", || received.lock().unwrap().len() >= 2);
+    // Once per threshold per window: more usage sends nothing new.
+    for _ in 0..4 {
+        assert_eq!(status(&ask(addr, "acme", 50)), 200);
+    }
+    thread::sleep(Duration::from_millis(600)); // two feedback ticks: nothing may arrive
+    let alerts = received.lock().unwrap().clone();
+    let thresholds: Vec<f64> = alerts.iter().map(|a| a["threshold"].as_f64().unwrap()).collect();
+    assert_eq!(thresholds, vec![0.5, 1.0], "{alerts:?}");
+    assert!(alerts.iter().all(|a| a["scope"] == "tenant acme" && a["limit"] == "tokens_per_day" && a["hard"] == false));
+    let m = kedge.metrics();
+    assert_eq!(metric_value(&m, "kedge_budget_alerts_total", &[("scope", "tenant acme"), ("threshold_permille", "500")]), 1.0, "{m}");
+}
