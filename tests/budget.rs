@@ -133,15 +133,17 @@ fn concurrent_requests_never_commit_more_than_a_hard_budget_and_it_survives_rest
     let day = utc_day();
     // 256 concurrent clients, ~104 tokens each, want ~26 600 tokens; 3 000 may pass.
     let served = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..256)
         .map(|_| {
-            let (served, refused) = (served.clone(), refused.clone());
+            let (served, refused, answered) = (served.clone(), refused.clone(), answered.clone());
             thread::spawn(move || {
                 let r = ask(addr, "acme", 100);
                 match status(&r) {
                     200 => {
                         served.fetch_add(usage_total(&r), Ordering::SeqCst);
+                        answered.fetch_add(1, Ordering::SeqCst);
                     }
                     429 => {
                         assert!(r.contains("insufficient_quota"), "{r}");
@@ -172,7 +174,10 @@ fn concurrent_requests_never_commit_more_than_a_hard_budget_and_it_survives_rest
     for _ in 0..64 {
         let r = ask(addr, "acme", 100);
         match status(&r) {
-            200 => served += usage_total(&r),
+            200 => {
+                served += usage_total(&r);
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
             429 => break,
             other => panic!("unexpected {other}: {r}"),
         }
@@ -186,6 +191,13 @@ fn concurrent_requests_never_commit_more_than_a_hard_budget_and_it_survives_rest
         served >= 3000 - 2 * 110,
         "the budget was not used up: {served}"
     );
+
+    // The ledger's writer reports every answered request committed.
+    let answered = answered.load(Ordering::SeqCst) as f64;
+    support::wait_until(Duration::from_secs(5), "ledger rows in /metrics", || {
+        metric_value(&kedge.metrics(), "kedge_ledger_rows", &[]) == answered
+    });
+    assert!(metric_value(&kedge.metrics(), "kedge_ledger_transactions", &[]) >= 1.0);
 
     // A clean stop loses nothing: the ledger holds exactly what was served.
     assert!(kedge.stop().success());
@@ -386,7 +398,13 @@ addr = "{{admin}}"
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let acme = |s: &serde_json::Value| {
-        s["tenants"].as_array().unwrap().iter().find(|t| t["name"] == "acme").cloned().unwrap()
+        s["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "acme")
+            .cloned()
+            .unwrap()
     };
     assert_eq!(acme(&status_json())["blocked"], false);
 
@@ -405,14 +423,28 @@ addr = "{{admin}}"
 
     // The kernel learns the tenant is spent: its map says so, in the same
     // numbers /metrics shows, and its new connections die at the edge.
-    support::wait_until(Duration::from_secs(5), "TENANTS blocked", || acme(&status_json())["blocked"] == true);
+    support::wait_until(Duration::from_secs(5), "TENANTS blocked", || {
+        acme(&status_json())["blocked"] == true
+    });
     let t = acme(&status_json());
     assert_eq!(t["tokens_limit"], 500);
-    let used = metric_value(&kedge.metrics(), "kedge_budget_used_ratio", &[("scope", "tenant acme"), ("limit", "tokens_per_day")]);
-    assert_eq!((used * 500.0).round() as u64, t["tokens_used"].as_u64().unwrap(), "map and metrics agree");
+    let used = metric_value(
+        &kedge.metrics(),
+        "kedge_budget_used_ratio",
+        &[("scope", "tenant acme"), ("limit", "tokens_per_day")],
+    );
+    assert_eq!(
+        (used * 500.0).round() as u64,
+        t["tokens_used"].as_u64().unwrap(),
+        "map and metrics agree"
+    );
     let (code, text) = net.curl_post(2, &url, body, 1);
     assert_eq!(code, 28, "a blocked tenant's SYN must be dropped: {text}");
-    let dropped = metric_value(&kedge.metrics(), "kedge_kernel_packets_total", &[("class", "standard"), ("verdict", "tenant_blocked")]);
+    let dropped = metric_value(
+        &kedge.metrics(),
+        "kedge_kernel_packets_total",
+        &[("class", "standard"), ("verdict", "tenant_blocked")],
+    );
     assert!(dropped >= 1.0, "{}", kedge.metrics());
 }
 
@@ -440,8 +472,12 @@ fn budget_alerts_reach_the_webhook_once_per_threshold() {
                 if line == "\r\n" {
                     let mut body = vec![0; length];
                     reader.read_exact(&mut body).unwrap();
-                    store.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
-                    let _ = (&stream).write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
+                    store
+                        .lock()
+                        .unwrap()
+                        .push(serde_json::from_slice(&body).unwrap());
+                    let _ = (&stream)
+                        .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
                     length = 0;
                 }
             }
@@ -459,16 +495,31 @@ fn budget_alerts_reach_the_webhook_once_per_threshold() {
     for _ in 0..8 {
         assert_eq!(status(&ask(addr, "acme", 50)), 200);
     }
-    support::wait_until(Duration::from_secs(5), "two alerts", || received.lock().unwrap().len() >= 2);
+    support::wait_until(Duration::from_secs(5), "two alerts", || {
+        received.lock().unwrap().len() >= 2
+    });
     // Once per threshold per window: more usage sends nothing new.
     for _ in 0..4 {
         assert_eq!(status(&ask(addr, "acme", 50)), 200);
     }
     thread::sleep(Duration::from_millis(600)); // two feedback ticks: nothing may arrive
     let alerts = received.lock().unwrap().clone();
-    let thresholds: Vec<f64> = alerts.iter().map(|a| a["threshold"].as_f64().unwrap()).collect();
+    let thresholds: Vec<f64> = alerts
+        .iter()
+        .map(|a| a["threshold"].as_f64().unwrap())
+        .collect();
     assert_eq!(thresholds, vec![0.5, 1.0], "{alerts:?}");
-    assert!(alerts.iter().all(|a| a["scope"] == "tenant acme" && a["limit"] == "tokens_per_day" && a["hard"] == false));
+    assert!(alerts.iter().all(|a| a["scope"] == "tenant acme"
+        && a["limit"] == "tokens_per_day"
+        && a["hard"] == false));
     let m = kedge.metrics();
-    assert_eq!(metric_value(&m, "kedge_budget_alerts_total", &[("scope", "tenant acme"), ("threshold_permille", "500")]), 1.0, "{m}");
+    assert_eq!(
+        metric_value(
+            &m,
+            "kedge_budget_alerts_total",
+            &[("scope", "tenant acme"), ("threshold_permille", "500")]
+        ),
+        1.0,
+        "{m}"
+    );
 }

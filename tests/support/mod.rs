@@ -161,14 +161,34 @@ impl TestNet {
 impl TestNet {
     /// `curl` POST of a JSON body from the namespace with a chosen source
     /// address: (exit code, response head + body).
-    pub fn curl_post(&self, source_host: u8, url: &str, body: &str, connect_timeout_s: u32) -> (i32, String) {
+    pub fn curl_post(
+        &self,
+        source_host: u8,
+        url: &str,
+        body: &str,
+        connect_timeout_s: u32,
+    ) -> (i32, String) {
         let src = self.client_ip(source_host);
         let timeout = connect_timeout_s.to_string();
         let out = Command::new("ip")
             .args([
-                "netns", "exec", &self.ns, "curl", "-sS", "-i", "--interface", &src,
-                "--connect-timeout", &timeout, "--max-time", "10",
-                "-H", "content-type: application/json", "-d", body, url,
+                "netns",
+                "exec",
+                &self.ns,
+                "curl",
+                "-sS",
+                "-i",
+                "--interface",
+                &src,
+                "--connect-timeout",
+                &timeout,
+                "--max-time",
+                "10",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                body,
+                url,
             ])
             .output()
             .expect("curl runs");

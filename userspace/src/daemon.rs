@@ -210,6 +210,7 @@ impl Parts {
             proxy.clone(),
             self.gpu.clone(),
             proxy.budget().clone(),
+            self.ledger.clone(),
         );
         tokio::spawn(feedback.run(stop.clone()))
     }

@@ -21,6 +21,7 @@ use crate::{
     config::Loaded,
     gpu::{GpuSample, ShedController},
     kernel::KernelEdge,
+    ledger::Ledger,
     metrics::Metrics,
     proxy::Proxy,
     schedule::AdmissionController,
@@ -41,6 +42,7 @@ pub struct Feedback {
     /// What the kernel was last told, per class.
     written: Vec<u32>,
     budget: Arc<Budget>,
+    ledger: Arc<Ledger>,
 }
 
 impl Feedback {
@@ -51,6 +53,7 @@ impl Feedback {
         proxy: Arc<Proxy>,
         gpu: watch::Receiver<Vec<GpuSample>>,
         budget: Arc<Budget>,
+        ledger: Arc<Ledger>,
     ) -> Feedback {
         let classes = cfg.raw.classes.len();
         Feedback {
@@ -63,6 +66,7 @@ impl Feedback {
             proxy,
             gpu,
             budget,
+            ledger,
         }
     }
 
@@ -117,6 +121,19 @@ impl Feedback {
             .as_ref()
             .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()));
         let now_wall = jiff::Timestamp::now();
+        let ls = self.ledger.stats();
+        self.metrics
+            .ledger_last_commit
+            .with_label_values::<&str>(&[])
+            .set(ls.last_commit.as_secs_f64());
+        self.metrics
+            .ledger_rows
+            .with_label_values::<&str>(&[])
+            .set(ls.rows as f64);
+        self.metrics
+            .ledger_transactions
+            .with_label_values::<&str>(&[])
+            .set(ls.transactions as f64);
         for alert in self.budget.take_alerts() {
             tracing::warn!(alert = %alert, "budget alert");
             self.metrics

@@ -153,6 +153,8 @@ pub struct LedgerStats {
     pub transactions: u64,
     /// Writes that failed and will be retried.
     pub failures: u64,
+    /// How long the last transaction took to commit (fsync included).
+    pub last_commit: Duration,
 }
 
 #[derive(Default)]
@@ -160,6 +162,7 @@ struct Counters {
     rows: AtomicU64,
     transactions: AtomicU64,
     failures: AtomicU64,
+    last_commit_nanos: AtomicU64,
 }
 
 /// What the request path hands the writer thread. A row wakes the writer only
@@ -261,6 +264,9 @@ impl Ledger {
             rows: self.counters.rows.load(Ordering::Relaxed),
             transactions: self.counters.transactions.load(Ordering::Relaxed),
             failures: self.counters.failures.load(Ordering::Relaxed),
+            last_commit: Duration::from_nanos(
+                self.counters.last_commit_nanos.load(Ordering::Relaxed),
+            ),
         }
     }
 }
@@ -312,16 +318,19 @@ fn write_loop(mut conn: Connection, shared: &Shared, window: Duration, counters:
         let closed = q.closed;
         drop(q);
 
+        let started = Instant::now();
         let result = write_batch(&mut conn, &batch).map_err(|e| e.to_string());
         match &result {
-            Ok(()) => {
+            Ok(()) if !batch.is_empty() => {
+                counters
+                    .last_commit_nanos
+                    .store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 counters
                     .rows
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                if !batch.is_empty() {
-                    counters.transactions.fetch_add(1, Ordering::Relaxed);
-                }
+                counters.transactions.fetch_add(1, Ordering::Relaxed);
             }
+            Ok(()) => {}
             Err(e) => {
                 counters.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(rows = batch.len(), "ledger write failed, retrying: {e}");

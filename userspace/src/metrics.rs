@@ -61,6 +61,9 @@ pub struct Metrics {
     pub budget_used: GaugeVec,
     /// Budget alerts fired, by scope, limit and threshold (per mille).
     pub budget_alerts: IntCounterVec,
+    pub ledger_last_commit: GaugeVec,
+    pub ledger_rows: GaugeVec,
+    pub ledger_transactions: GaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -250,6 +253,24 @@ impl Metrics {
                 "kedge_budget_alerts_total",
                 "Budget alerts fired (once per window per threshold).",
                 &["scope", "limit", "threshold_permille"],
+            ),
+            ledger_last_commit: gauge(
+                &r,
+                "kedge_ledger_last_commit_seconds",
+                "Time the usage ledger's last group commit took (fsync included).",
+                &[],
+            ),
+            ledger_rows: gauge(
+                &r,
+                "kedge_ledger_rows",
+                "Usage rows this process has written to the ledger.",
+                &[],
+            ),
+            ledger_transactions: gauge(
+                &r,
+                "kedge_ledger_transactions",
+                "Group-commit transactions this process has written.",
+                &[],
             ),
             admission: int_gauge(
                 &r,

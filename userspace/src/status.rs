@@ -122,9 +122,13 @@ pub struct ClassRow {
 pub struct TenantRow {
     pub name: String,
     pub id: u32,
+    /// From the kernel's TENANTS map (the budget layer's mirror).
     pub tokens_used: u64,
     pub tokens_limit: u64,
     pub blocked: bool,
+    /// From the usage ledger: this calendar month, in the budget time zone.
+    pub month_tokens: u64,
+    pub month_cost_micros: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -217,16 +221,20 @@ pub fn snapshot(cfg: &Loaded) -> Result<Snapshot> {
     }
     if attached {
         let tenants: HashMap<MapData, u32, TenantState> = open_map(&dir, "TENANTS")?.try_into()?;
+        let month = month_spend(cfg);
         let mut names: Vec<(&String, &u32)> = cfg.tenant_ids.iter().collect();
         names.sort();
         for (name, id) in names {
             let t = tenants.get(id, 0).unwrap_or_default();
+            let (month_tokens, month_cost_micros) = month.get(name).copied().unwrap_or((0, 0));
             snap.tenants.push(TenantRow {
                 name: name.clone(),
                 id: *id,
                 tokens_used: t.tokens_used,
                 tokens_limit: t.tokens_limit,
                 blocked: t.blocked != 0,
+                month_tokens,
+                month_cost_micros,
             });
         }
         let gpus: Array<MapData, GpuLoad> = open_map(&dir, "GPU_LOAD")?.try_into()?;
@@ -244,6 +252,31 @@ pub fn snapshot(cfg: &Loaded) -> Result<Snapshot> {
         }
     }
     Ok(snap)
+}
+
+/// Tokens and money per tenant this month, from the ledger (empty if it cannot be read).
+fn month_spend(cfg: &Loaded) -> std::collections::HashMap<String, (u64, u64)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(tz) = jiff::tz::TimeZone::get(cfg.raw.budget.timezone.get_ref()) else {
+        return out;
+    };
+    let now = jiff::Timestamp::now();
+    let Ok(start) = now
+        .to_zoned(tz)
+        .first_of_month()
+        .and_then(|d| d.start_of_day())
+    else {
+        return out;
+    };
+    let path = &cfg.raw.budget.ledger.path;
+    if let Ok(rows) = crate::ledger::usage_report(path, start.timestamp(), now) {
+        for r in rows {
+            let e = out.entry(r.tenant).or_insert((0, 0));
+            e.0 += r.prompt_tokens + r.completion_tokens;
+            e.1 += r.cost_micros;
+        }
+    }
+    out
 }
 
 fn daemon_status(admin: SocketAddr) -> Option<serde_json::Value> {
@@ -308,8 +341,8 @@ pub fn render(s: &Snapshot) -> String {
     if !s.tenants.is_empty() {
         let _ = writeln!(
             out,
-            "\n{:<16} {:>14} {:>14} {:>7}  BLOCKED",
-            "TENANT", "TOKENS USED", "LIMIT", "USE%"
+            "\n{:<16} {:>14} {:>14} {:>7} {:>8} {:>14} {:>12}",
+            "TENANT", "TOKENS USED", "LIMIT", "USE%", "BLOCKED", "MONTH TOKENS", "MONTH $"
         );
         for t in &s.tenants {
             let pct = if t.tokens_limit > 0 {
@@ -327,12 +360,14 @@ pub fn render(s: &Snapshot) -> String {
             };
             let _ = writeln!(
                 out,
-                "{:<16} {:>14} {:>14} {:>7}  {}",
+                "{:<16} {:>14} {:>14} {:>7} {:>8} {:>14} {:>12}",
                 t.name,
                 t.tokens_used,
                 limit,
                 pct,
-                if t.blocked { "yes" } else { "no" }
+                if t.blocked { "yes" } else { "no" },
+                t.month_tokens,
+                crate::budget::format_dollars(t.month_cost_micros)
             );
         }
     }
@@ -422,6 +457,8 @@ mod tests {
                 tokens_used: 50,
                 tokens_limit: 200,
                 blocked: false,
+                month_tokens: 1234,
+                month_cost_micros: 2_500_000,
             }],
             gpus: vec![],
             daemon: None,
@@ -429,6 +466,8 @@ mod tests {
         let t = render(&s);
         assert!(t.contains("class_rate=7"), "{t}");
         assert!(t.contains("25.0"), "{t}");
+        assert!(t.contains("1234") && t.contains("$2.50"), "{t}");
         assert!(t.contains("not answering"), "{t}");
+        assert!(t.contains("1234") && t.contains("$2.50"), "{t}");
     }
 }
