@@ -129,44 +129,30 @@ impl TestNet {
         format!("198.18.{}.{host}", self.id)
     }
 
-    /// `curl` from the namespace with a chosen source address. Returns the exit
-    /// code, response headers+body, and stderr.
+    /// `curl` GET from the namespace with a chosen source address: (exit code,
+    /// response head + body + curl's own messages).
     pub fn curl(&self, source_host: u8, url: &str, connect_timeout_s: u32) -> (i32, String) {
-        let src = self.client_ip(source_host);
-        let timeout = connect_timeout_s.to_string();
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns,
-                "curl",
-                "-sS",
-                "-i",
-                "--interface",
-                &src,
-                "--connect-timeout",
-                &timeout,
-                "--max-time",
-                "10",
-                url,
-            ])
-            .output()
-            .expect("curl runs");
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.code().unwrap_or(-1), text)
+        self.curl_with(source_host, url, connect_timeout_s, &[])
     }
-}
 
-impl TestNet {
-    /// `curl` POST of a JSON body from the namespace with a chosen source
-    /// address: (exit code, response head + body).
+    /// `curl` POST of a JSON body, otherwise like [`TestNet::curl`].
     pub fn curl_post(
         &self,
         source_host: u8,
         url: &str,
         body: &str,
         connect_timeout_s: u32,
+    ) -> (i32, String) {
+        let args = ["-H", "content-type: application/json", "-d", body];
+        self.curl_with(source_host, url, connect_timeout_s, &args)
+    }
+
+    fn curl_with(
+        &self,
+        source_host: u8,
+        url: &str,
+        connect_timeout_s: u32,
+        extra: &[&str],
     ) -> (i32, String) {
         let src = self.client_ip(source_host);
         let timeout = connect_timeout_s.to_string();
@@ -180,16 +166,10 @@ impl TestNet {
                 "-i",
                 "--interface",
                 &src,
-                "--connect-timeout",
-                &timeout,
-                "--max-time",
-                "10",
-                "-H",
-                "content-type: application/json",
-                "-d",
-                body,
-                url,
             ])
+            .args(["--connect-timeout", &timeout, "--max-time", "10"])
+            .args(extra)
+            .arg(url)
             .output()
             .expect("curl runs");
         let text = String::from_utf8_lossy(&out.stdout).to_string()
