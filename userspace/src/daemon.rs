@@ -25,20 +25,28 @@ use crate::{
     proxy::{Proxy, ProxySlot, Tags, tls},
 };
 
-/// The budget engine, rebuilt from the ledger so a restart never resets a budget.
+/// The usage ledger, and the budget engine rebuilt from it so a restart never
+/// resets a budget.
 fn start_budget(cfg: &config::Loaded) -> Result<(Arc<Budget>, Arc<Ledger>)> {
+    let lcfg = &cfg.raw.budget.ledger;
+    let ledger = Ledger::open(lcfg)
+        .with_context(|| format!("opening the usage ledger {}", lcfg.path.display()))?;
+    Ok((Arc::new(rebuilt_budget(cfg)?), Arc::new(ledger)))
+}
+
+/// A budget engine for `cfg`'s limits holding the current windows' usage from
+/// the ledger (which must exist: `Ledger::open` creates it).
+fn rebuilt_budget(cfg: &config::Loaded) -> Result<Budget> {
     let now = jiff::Timestamp::now();
     let budget = Budget::new(&cfg.raw.budget, now).map_err(|errors| {
         let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         anyhow::anyhow!("budget config: {}", all.join("; "))
     })?;
-    let lcfg = &cfg.raw.budget.ledger;
-    let ledger = Ledger::open(lcfg)
-        .with_context(|| format!("opening the usage ledger {}", lcfg.path.display()))?;
-    let rows = ledger::rebuild(&lcfg.path, &budget, now)
-        .with_context(|| format!("rebuilding budgets from {}", lcfg.path.display()))?;
-    tracing::info!(ledger = %lcfg.path.display(), rows, "budgets rebuilt from the usage ledger");
-    Ok((Arc::new(budget), Arc::new(ledger)))
+    let path = &cfg.raw.budget.ledger.path;
+    let rows = ledger::rebuild(path, &budget, now)
+        .with_context(|| format!("rebuilding budgets from {}", path.display()))?;
+    tracing::info!(ledger = %path.display(), rows, "budgets rebuilt from the usage ledger");
+    Ok(budget)
 }
 
 /// Opens the configured GPU source and polls it on its own thread. Without a
@@ -260,14 +268,7 @@ fn reload(
         old.budget().clone()
     } else {
         parts.ledger.flush()?;
-        let now = jiff::Timestamp::now();
-        let budget = Budget::new(&new.raw.budget, now).map_err(|errors| {
-            let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-            anyhow::anyhow!("budget config: {}", all.join("; "))
-        })?;
-        ledger::rebuild(&new.raw.budget.ledger.path, &budget, now)?;
-        tracing::info!("SIGHUP: budgets rebuilt from the ledger under the new limits");
-        Arc::new(budget)
+        Arc::new(rebuilt_budget(&new)?)
     };
     let proxy = parts.proxy(new.clone(), budget)?;
     if let Some(c) = cert {
