@@ -56,10 +56,22 @@ impl Feedback {
         ledger: Arc<Ledger>,
     ) -> Feedback {
         let classes = cfg.raw.classes.len();
+        // Start from what the kernel holds: pinned admission ratios outlive a
+        // restart or reload, and a ratio believed to be 1000 would never be
+        // written back to 1000.
+        let written: Vec<u32> = (0..classes as u32)
+            .map(|c| {
+                kernel.as_ref().map_or(ADMIT_ALL, |k| {
+                    let k = k.lock().unwrap_or_else(|p| p.into_inner());
+                    k.admission(c).unwrap_or(ADMIT_ALL)
+                })
+            })
+            .collect();
         Feedback {
             shed: ShedController::new(&cfg.raw.gpu),
-            queues: AdmissionController::new(cfg.schedule.feedback.clone(), classes),
-            written: vec![ADMIT_ALL; classes],
+            queues: AdmissionController::new(cfg.schedule.feedback.clone(), classes)
+                .resume(&written),
+            written,
             cfg,
             kernel,
             metrics,
@@ -72,12 +84,11 @@ impl Feedback {
 
     /// Runs until `stop` flips.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        for (class, c) in self.cfg.raw.classes.iter().enumerate() {
-            let _ = class;
+        for (c, ratio) in self.cfg.raw.classes.iter().zip(&self.written) {
             self.metrics
                 .admission
                 .with_label_values(&[c.name.get_ref()])
-                .set(ADMIT_ALL as i64);
+                .set(*ratio as i64);
         }
         let mut tick = tokio::time::interval(TICK);
         loop {

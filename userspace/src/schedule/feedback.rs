@@ -148,6 +148,16 @@ impl AdmissionController {
         }
     }
 
+    /// Starts from ratios already in force (a restarted or reloaded daemon
+    /// finds them in the pinned map): they then recover by the usual steps
+    /// once the queues stay drained, instead of jumping or being forgotten.
+    pub fn resume(mut self, ratios: &[u32]) -> AdmissionController {
+        for (mine, &r) in self.ratios.iter_mut().zip(ratios) {
+            *mine = r.min(FULL_ADMISSION);
+        }
+        self
+    }
+
     /// Current ratio per class, per mille.
     pub fn ratios(&self) -> &[u32] {
         &self.ratios
@@ -273,5 +283,17 @@ mod tests {
         let cfg: FeedbackConfig = toml::from_str("low = 0.9\nhigh = 0.5").unwrap();
         let err = cfg.validate().unwrap_err();
         assert!(err.message.contains("0 < low < high"), "{err:?}");
+    }
+
+    #[test]
+    fn resumed_ratios_hold_then_recover_in_steps() {
+        let rule: FeedbackConfig = toml::from_str("hold_drained_ms = 1000").unwrap();
+        let step = *rule.step_up.get_ref();
+        let mut c = AdmissionController::new(rule, 2).resume(&[250, 1000]);
+        let t0 = Instant::now();
+        assert!(c.update(t0, &[0.0, 0.0]).is_empty(), "kept at first");
+        assert_eq!(c.ratios(), &[250, 1000]);
+        let changed = c.update(t0 + Duration::from_millis(1000), &[0.0, 0.0]);
+        assert_eq!(changed, vec![(0, 250 + step)]);
     }
 }
