@@ -189,9 +189,10 @@ pub fn parse_vllm_metrics(text: &str) -> GpuSample {
     }
 }
 
-/// A plain HTTP/1.0 GET for `http://host:port/path` (metrics endpoints are local
-/// and plaintext; this runs on the poller thread, so blocking is fine).
-fn http_get(url: &str, timeout: Duration) -> Result<String, String> {
+/// A plain HTTP/1.0 GET for `http://host:port/path`, the body of a 200 answer.
+/// For local plaintext endpoints only (a vLLM server's metrics, kedge's own
+/// admin listener), from threads where blocking is fine.
+pub(crate) fn http_get(url: &str, timeout: Duration) -> Result<String, String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("{url}: only http:// metrics URLs are supported"))?;

@@ -280,15 +280,9 @@ fn month_spend(cfg: &Loaded) -> std::collections::HashMap<String, (u64, u64)> {
 }
 
 fn daemon_status(admin: SocketAddr) -> Option<serde_json::Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET /status HTTP/1.0\r\nHost: kedge\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200")
-        .then(|| serde_json::from_str(body).ok())?
+    let body =
+        crate::gpu::http_get(&format!("http://{admin}/status"), Duration::from_secs(2)).ok()?;
+    serde_json::from_str(&body).ok()
 }
 
 /// The compact human table of `kedge status`.
