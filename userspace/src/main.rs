@@ -2,6 +2,12 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
+// The request path allocates small, short-lived buffers on every request;
+// mimalloc's per-thread free lists cost measurably less than glibc's arenas
+// there (docs/benchmarks.md, proxy overhead).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// kedge: LLM traffic shaping at the kernel edge.
 #[derive(Parser)]
 #[command(version, about)]

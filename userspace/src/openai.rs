@@ -2,10 +2,15 @@
 //! request is for, the fields that govern it, usage in answers, and errors.
 //!
 //! Everything else in a body passes through untouched: kedge parses into a
-//! JSON map and only edits `model` and `stream_options`.
+//! JSON map to validate it, and forwards the client's own bytes unless it must
+//! edit `model` or `stream_options`.
 
+use std::borrow::Cow;
+
+use bytes::Bytes;
 use hyper::StatusCode;
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::{Map, Value, value::RawValue};
 
 /// The endpoints kedge governs (`GET /v1/models` is answered from the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +117,8 @@ impl ApiError {
 /// A validated request body and the fields that govern it.
 #[derive(Debug)]
 pub struct ParsedRequest {
+    /// The body as the client sent it.
+    pub raw: Bytes,
     pub body: Map<String, Value>,
     pub model: String,
     pub stream: bool,
@@ -123,10 +130,27 @@ pub struct ParsedRequest {
 impl ParsedRequest {
     /// The body to send upstream: the backend's model name, and a usage
     /// request on streams when the backend supports one.
-    pub fn upstream_body(&self, upstream_model: &str, ask_usage: bool) -> Vec<u8> {
+    pub fn upstream_body(&self, upstream_model: &str, ask_usage: bool) -> Bytes {
+        let inject = self.stream && ask_usage && !self.client_wants_usage;
+        if upstream_model == self.model {
+            // The common case costs no re-serialisation: the client's bytes go
+            // as they came, or with `stream_options` appended to the object.
+            if !inject {
+                return self.raw.clone();
+            }
+            if !self.body.contains_key("stream_options")
+                && let Some(end) = self.raw.iter().rposition(|b| *b == b'}')
+            {
+                const ASK: &[u8] = br#","stream_options":{"include_usage":true}}"#;
+                let mut out = Vec::with_capacity(end + ASK.len());
+                out.extend_from_slice(&self.raw[..end]);
+                out.extend_from_slice(ASK);
+                return out.into();
+            }
+        }
         let mut body = self.body.clone();
         body.insert("model".into(), Value::String(upstream_model.to_string()));
-        if self.stream && ask_usage && !self.client_wants_usage {
+        if inject {
             let opts = body
                 .entry("stream_options")
                 .or_insert_with(|| Value::Object(Map::new()));
@@ -134,13 +158,13 @@ impl ParsedRequest {
                 o.insert("include_usage".into(), Value::Bool(true));
             }
         }
-        serde_json::to_vec(&body).unwrap_or_default()
+        serde_json::to_vec(&body).unwrap_or_default().into()
     }
 }
 
 /// Parses and validates a request body: 400 with a precise message otherwise.
-pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, ApiError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+pub fn parse_request(endpoint: Endpoint, bytes: Bytes) -> Result<ParsedRequest, ApiError> {
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::invalid(
             "invalid_json",
             format!("We could not parse the JSON body of your request: {e}"),
@@ -214,6 +238,7 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
         })?),
     };
     Ok(ParsedRequest {
+        raw: bytes,
         body,
         model,
         stream,
@@ -232,80 +257,140 @@ pub struct Usage {
     pub reported: bool,
 }
 
-/// The `usage` object of a response or stream chunk, if it carries one.
-pub fn usage_of(v: &Value) -> Option<Usage> {
-    let u = v.get("usage")?;
-    let prompt = u.get("prompt_tokens")?.as_u64()?;
-    let completion = u
-        .get("completion_tokens")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    Some(Usage {
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        reported: true,
-    })
+/// What kedge reads from an answer (a whole response or one stream chunk).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnswerFacts {
+    /// The `usage` object, when the answer carries one.
+    pub usage: Option<Usage>,
+    /// Bytes of generated text: content, reasoning, completion text, tool calls.
+    pub text_bytes: u64,
+    /// A chunk that exists only to carry usage (`choices` empty), which the
+    /// upstream sends because kedge asked for it.
+    pub usage_only: bool,
 }
 
-/// A chunk that exists only to carry usage (`choices` empty), which the
-/// upstream sends because kedge asked for it.
-pub fn is_usage_only_chunk(v: &Value) -> bool {
-    v.get("usage").is_some_and(|u| !u.is_null())
-        && v.get("choices")
-            .and_then(Value::as_array)
-            .is_some_and(|c| c.is_empty())
-}
-
-/// The generated text a stream chunk carries (chat delta or completion text).
-pub fn chunk_text(v: &Value) -> String {
-    let mut out = String::new();
-    for choice in v
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let delta = choice.get("delta");
-        for text in [
-            delta.and_then(|d| d.get("content")),
-            delta.and_then(|d| d.get("reasoning_content")),
-            choice.get("text"),
-        ]
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        {
-            out.push_str(text);
-        }
-        if let Some(calls) = delta.and_then(|d| d.get("tool_calls")) {
-            out.push_str(&calls.to_string());
-        }
+/// Reads an answer's usage and generated-text size; `None` when it is not JSON.
+///
+/// A typed view borrowed from the bytes is tried first: serde skips every
+/// other field without building a tree, which is what a stream pays per event.
+/// An answer of an unexpected shape falls back to a full parse.
+pub fn read_answer(json: &[u8]) -> Option<AnswerFacts> {
+    if let Ok(view) = serde_json::from_slice::<AnswerView>(json) {
+        return Some(view.facts());
     }
-    out
+    serde_json::from_slice::<Value>(json)
+        .ok()
+        .map(|v| facts_of(&v))
 }
 
-/// The generated text of a whole (non-streaming) response.
-pub fn response_text(v: &Value) -> String {
-    let mut out = String::new();
-    for choice in v
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let message = choice.get("message");
-        for text in [message.and_then(|m| m.get("content")), choice.get("text")]
-            .into_iter()
+#[derive(Deserialize)]
+struct AnswerView<'a> {
+    #[serde(default, borrow)]
+    choices: Option<Vec<ChoiceView<'a>>>,
+    #[serde(default)]
+    usage: Option<UsageView>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    /// A stream chunk's increment.
+    #[serde(default, borrow)]
+    delta: Option<MessageView<'a>>,
+    /// A whole chat answer.
+    #[serde(default, borrow)]
+    message: Option<MessageView<'a>>,
+    /// A (legacy) completion.
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct MessageView<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct UsageView {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+impl AnswerView<'_> {
+    fn facts(&self) -> AnswerFacts {
+        let len = |s: &Option<Cow<'_, str>>| s.as_deref().map_or(0, str::len) as u64;
+        let text_bytes = self
+            .choices
+            .iter()
             .flatten()
-            .filter_map(Value::as_str)
-        {
-            out.push_str(text);
-        }
-        if let Some(calls) = message.and_then(|m| m.get("tool_calls")) {
-            out.push_str(&calls.to_string());
+            .map(|c| {
+                len(&c.text)
+                    + [&c.delta, &c.message]
+                        .into_iter()
+                        .flatten()
+                        .map(|m| {
+                            len(&m.content)
+                                + len(&m.reasoning_content)
+                                + m.tool_calls.map_or(0, |t| t.get().len() as u64)
+                        })
+                        .sum::<u64>()
+            })
+            .sum();
+        AnswerFacts {
+            usage: self.usage.as_ref().and_then(|u| {
+                Some(Usage {
+                    prompt_tokens: u.prompt_tokens?,
+                    completion_tokens: u.completion_tokens.unwrap_or(0),
+                    reported: true,
+                })
+            }),
+            text_bytes,
+            usage_only: self.usage.is_some() && self.choices.as_ref().is_some_and(Vec::is_empty),
         }
     }
-    out
+}
+
+/// [`read_answer`] on an already parsed tree (any shape).
+fn facts_of(v: &Value) -> AnswerFacts {
+    let usage = v.get("usage").and_then(|u| {
+        Some(Usage {
+            prompt_tokens: u.get("prompt_tokens")?.as_u64()?,
+            completion_tokens: u
+                .get("completion_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            reported: true,
+        })
+    });
+    let choices = v.get("choices").and_then(Value::as_array);
+    let str_len = |v: Option<&Value>| v.and_then(Value::as_str).map_or(0, str::len) as u64;
+    let text_bytes = choices
+        .into_iter()
+        .flatten()
+        .map(|choice| {
+            str_len(choice.get("text"))
+                + ["delta", "message"]
+                    .into_iter()
+                    .filter_map(|k| choice.get(k))
+                    .map(|m| {
+                        str_len(m.get("content"))
+                            + str_len(m.get("reasoning_content"))
+                            + m.get("tool_calls")
+                                .map_or(0, |t| t.to_string().len() as u64)
+                    })
+                    .sum::<u64>()
+        })
+        .sum();
+    AnswerFacts {
+        usage,
+        text_bytes,
+        usage_only: v.get("usage").is_some_and(|u| !u.is_null())
+            && choices.is_some_and(|c| c.is_empty()),
+    }
 }
 
 #[cfg(test)]
@@ -313,7 +398,7 @@ mod tests {
     use super::*;
 
     fn parse(endpoint: Endpoint, s: &str) -> Result<ParsedRequest, ApiError> {
-        parse_request(endpoint, s.as_bytes())
+        parse_request(endpoint, Bytes::copy_from_slice(s.as_bytes()))
     }
 
     #[test]
@@ -369,29 +454,89 @@ mod tests {
     }
 
     #[test]
-    fn recognises_usage_and_text() {
-        let usage_only: Value = serde_json::from_str(
-            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#,
+    fn upstream_body_is_the_clients_bytes_when_nothing_changes() {
+        let sent = "{\"model\":\"m\",  \"messages\":[], \"x\":{\"y\":1.50}}\n";
+        let r = parse(Endpoint::ChatCompletions, sent).unwrap();
+        assert_eq!(&r.upstream_body("m", true)[..], sent.as_bytes());
+        // A stream gets the usage request appended, the rest byte for byte.
+        let sent = r#"{"model":"m","messages":[{"role":"user","content":"}"}],"stream":true} "#;
+        let r = parse(Endpoint::ChatCompletions, sent).unwrap();
+        let up = r.upstream_body("m", true);
+        assert!(up.starts_with(&sent.as_bytes()[..sent.len() - 2]));
+        let v: Value = serde_json::from_slice(&up).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["messages"][0]["content"], "}");
+        // The client's own stream_options are edited, not duplicated.
+        let r = parse(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[],"stream":true,"stream_options":{"x":1}}"#,
         )
         .unwrap();
-        assert!(is_usage_only_chunk(&usage_only));
+        let v: Value = serde_json::from_slice(&r.upstream_body("m", true)).unwrap();
         assert_eq!(
-            usage_of(&usage_only),
+            v["stream_options"],
+            serde_json::json!({"x": 1, "include_usage": true})
+        );
+    }
+
+    #[test]
+    fn recognises_usage_and_text() {
+        let usage_only =
+            br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
+        assert_eq!(
+            read_answer(usage_only),
+            Some(AnswerFacts {
+                usage: Some(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 5,
+                    reported: true
+                }),
+                text_bytes: 0,
+                usage_only: true
+            })
+        );
+        let delta = br#"{"choices":[{"delta":{"content":"Hi \u00e9","reasoning_content":"ab"}}],"usage":null}"#;
+        assert_eq!(
+            read_answer(delta),
+            Some(AnswerFacts {
+                usage: None,
+                text_bytes: 7,
+                usage_only: false
+            })
+        );
+        let full = br#"{"choices":[{"message":{"content":"Hello","tool_calls":[{"id":"c"}]}}]}"#;
+        assert_eq!(read_answer(full).unwrap().text_bytes, 5 + 12);
+        assert_eq!(read_answer(b"[DONE]"), None);
+    }
+
+    #[test]
+    fn an_answer_of_an_odd_shape_is_still_read() {
+        // `choices` entries that are not objects defeat the typed view; the
+        // full parse still finds the usage.
+        let odd = br#"{"choices":[1],"usage":{"prompt_tokens":2,"completion_tokens":1.5}}"#;
+        let facts = read_answer(odd).unwrap();
+        assert_eq!(
+            facts.usage,
             Some(Usage {
-                prompt_tokens: 3,
-                completion_tokens: 5,
+                prompt_tokens: 2,
+                completion_tokens: 0,
                 reported: true
             })
         );
-        let delta: Value =
-            serde_json::from_str(r#"{"choices":[{"delta":{"content":"Hi"}}],"usage":null}"#)
-                .unwrap();
-        assert!(!is_usage_only_chunk(&delta));
-        assert_eq!(usage_of(&delta), None);
-        assert_eq!(chunk_text(&delta), "Hi");
-        let full: Value =
-            serde_json::from_str(r#"{"choices":[{"message":{"content":"Hello"}}]}"#).unwrap();
-        assert_eq!(response_text(&full), "Hello");
+        // Every shape agrees with the full parse where both apply.
+        for json in [
+            &br#"{"choices":[{"text":"abc"},{"delta":{"tool_calls":[1,2]}}]}"#[..],
+            br#"{"choices":[],"usage":{}}"#,
+            br#"{"usage":{"prompt_tokens":9}}"#,
+        ] {
+            let v: Value = serde_json::from_slice(json).unwrap();
+            assert_eq!(
+                read_answer(json),
+                Some(facts_of(&v)),
+                "{}",
+                String::from_utf8_lossy(json)
+            );
+        }
     }
 
     #[test]

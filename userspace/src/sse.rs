@@ -3,73 +3,77 @@
 //! kedge forwards each event as soon as its terminating blank line arrives,
 //! byte for byte, and looks at its `data:` to find usage and generated text.
 
-use bytes::{Bytes, BytesMut};
+use std::borrow::Cow;
 
-/// One complete event: its bytes as received (terminator included) and its data.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Event {
-    pub raw: Bytes,
-    /// The `data:` lines joined by `\n`; `None` for comment/keep-alive events.
-    pub data: Option<String>,
-}
+use bytes::{Bytes, BytesMut};
 
 /// Longest event kedge holds while waiting for its end; a stream that never
 /// terminates an event is not SSE.
 pub const MAX_EVENT_BYTES: usize = 4 << 20;
 
+/// Upstream bytes not yet forwarded. Complete events are inspected where they
+/// lie and handed on as slices of this buffer (no copy per event), so a run of
+/// events that all pass leaves as one frame.
 #[derive(Default)]
 pub struct SseSplitter {
     buf: BytesMut,
 }
 
 impl SseSplitter {
-    /// Appends `chunk` and returns every event it completed.
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<Event> {
+    pub fn extend(&mut self, chunk: &[u8]) {
         self.buf.extend_from_slice(chunk);
-        let mut events = Vec::new();
-        while let Some(end) = event_end(&self.buf) {
-            let raw = self.buf.split_to(end).freeze();
-            let data = data_of(&raw);
-            events.push(Event { raw, data });
-        }
-        events
     }
 
-    /// Bytes of an event not yet terminated.
+    /// Length of the complete event that starts `from` bytes in, if it has
+    /// ended (its blank line has arrived).
+    pub fn event_at(&self, from: usize) -> Option<usize> {
+        event_end(&self.buf[from..])
+    }
+
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Hands on the first `n` buffered bytes.
+    pub fn take(&mut self, n: usize) -> Bytes {
+        self.buf.split_to(n).freeze()
+    }
+
+    /// Drops the first `n` buffered bytes.
+    pub fn skip(&mut self, n: usize) {
+        let _ = self.buf.split_to(n);
+    }
+
+    /// Bytes not yet handed on.
     pub fn pending(&self) -> usize {
         self.buf.len()
     }
 
     /// What is left when the stream ends: an unterminated last event.
-    pub fn finish(&mut self) -> Option<Event> {
+    pub fn finish(&mut self) -> Option<Bytes> {
         if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
             return None;
         }
-        let raw = self.buf.split().freeze();
-        let data = data_of(&raw);
-        Some(Event { raw, data })
+        Some(self.buf.split().freeze())
     }
 }
 
 /// End (exclusive) of the first event in `buf`: after its blank line.
 fn event_end(buf: &[u8]) -> Option<usize> {
     let mut i = 0;
-    while i < buf.len() {
-        if buf[i] == b'\n' || buf[i] == b'\r' {
-            // A line ends here; a blank line right after ends the event.
-            let next = line_break_len(&buf[i..])?;
-            let after = i + next;
-            if after < buf.len() && (buf[after] == b'\n' || buf[after] == b'\r') {
-                let blank = line_break_len(&buf[after..])?;
-                return Some(after + blank);
-            }
-            if after >= buf.len() {
-                return None;
-            }
-            i = after;
-        } else {
-            i += 1;
+    while let Some(found) = memchr::memchr2(b'\n', b'\r', &buf[i..]) {
+        // A line ends here; a blank line right after ends the event.
+        i += found;
+        let next = line_break_len(&buf[i..])?;
+        let after = i + next;
+        if after < buf.len() && (buf[after] == b'\n' || buf[after] == b'\r') {
+            let blank = line_break_len(&buf[after..])?;
+            return Some(after + blank);
         }
+        if after >= buf.len() {
+            return None;
+        }
+        i = after;
     }
     None
 }
@@ -85,27 +89,43 @@ fn line_break_len(s: &[u8]) -> Option<usize> {
     }
 }
 
-fn data_of(raw: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(raw);
-    let mut data: Option<String> = None;
-    for line in text.split(['\n', '\r']) {
-        if let Some(rest) = line.strip_prefix("data:") {
-            let rest = rest.strip_prefix(' ').unwrap_or(rest);
+/// An event's `data:` lines joined by `\n`; `None` for a comment or
+/// keep-alive. The usual one-line event is borrowed, not copied.
+pub fn data_of(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let line_end = memchr::memchr2(b'\n', b'\r', raw).unwrap_or(raw.len());
+    if let Some(rest) = raw[..line_end].strip_prefix(b"data:")
+        && raw[line_end..].iter().all(|b| *b == b'\n' || *b == b'\r')
+    {
+        return Some(Cow::Borrowed(rest.strip_prefix(b" ").unwrap_or(rest)));
+    }
+    let mut data: Option<Vec<u8>> = None;
+    for line in raw.split(|b| *b == b'\n' || *b == b'\r') {
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
             match &mut data {
                 Some(d) => {
-                    d.push('\n');
-                    d.push_str(rest);
+                    d.push(b'\n');
+                    d.extend_from_slice(rest);
                 }
-                None => data = Some(rest.to_string()),
+                None => data = Some(rest.to_vec()),
             }
         }
     }
-    data
+    data.map(Cow::Owned)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Splits `buf` the way the stream meter does: every complete event.
+    fn split_all(s: &mut SseSplitter) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        while let Some(n) = s.event_at(0) {
+            out.push(s.take(n));
+        }
+        out
+    }
 
     #[test]
     fn splits_events_across_arbitrary_chunk_boundaries() {
@@ -113,20 +133,25 @@ mod tests {
             b"data: {\"a\":1}\n\n: keep-alive\n\ndata: x\r\ndata: y\r\n\r\ndata: [DONE]\n\n";
         for cut in 0..stream.len() {
             let mut s = SseSplitter::default();
-            let mut events = s.push(&stream[..cut]);
-            events.extend(s.push(&stream[cut..]));
-            let data: Vec<_> = events.iter().map(|e| e.data.clone()).collect();
+            s.extend(&stream[..cut]);
+            let mut events = split_all(&mut s);
+            s.extend(&stream[cut..]);
+            events.extend(split_all(&mut s));
+            let data: Vec<_> = events
+                .iter()
+                .map(|e| data_of(e).map(|d| d.into_owned()))
+                .collect();
             assert_eq!(
                 data,
                 vec![
-                    Some("{\"a\":1}".to_string()),
+                    Some(b"{\"a\":1}".to_vec()),
                     None,
-                    Some("x\ny".to_string()),
-                    Some("[DONE]".to_string())
+                    Some(b"x\ny".to_vec()),
+                    Some(b"[DONE]".to_vec())
                 ],
                 "cut at {cut}"
             );
-            let raw: Vec<u8> = events.iter().flat_map(|e| e.raw.to_vec()).collect();
+            let raw: Vec<u8> = events.iter().flat_map(|e| e.to_vec()).collect();
             assert_eq!(raw, stream, "bytes are forwarded unchanged");
             assert_eq!(s.pending(), 0);
             assert_eq!(s.finish(), None);
@@ -134,10 +159,25 @@ mod tests {
     }
 
     #[test]
+    fn events_are_found_in_place_without_taking_them() {
+        let mut s = SseSplitter::default();
+        s.extend(b"data: a\n\ndata: b\n\ndata: c");
+        let first = s.event_at(0).unwrap();
+        let second = s.event_at(first).unwrap();
+        assert_eq!(s.event_at(first + second), None);
+        assert_eq!(&s.take(first + second)[..], b"data: a\n\ndata: b\n\n");
+        assert_eq!(data_of(s.buffered()).as_deref(), Some(&b"c"[..]));
+    }
+
+    #[test]
     fn an_unterminated_tail_is_returned_at_the_end() {
         let mut s = SseSplitter::default();
-        assert!(s.push(b"data: partial").is_empty());
+        s.extend(b"data: partial");
+        assert_eq!(s.event_at(0), None);
         assert_eq!(s.pending(), 13);
-        assert_eq!(s.finish().unwrap().data.as_deref(), Some("partial"));
+        assert_eq!(
+            data_of(&s.finish().unwrap()).as_deref(),
+            Some(&b"partial"[..])
+        );
     }
 }

@@ -318,7 +318,19 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 struct Proc(std::process::Child);
 
 impl Drop for Proc {
+    /// SIGTERM first, so a master process (nginx) takes its workers down with
+    /// it; SIGKILL only if it has not gone within two seconds. (A SIGKILLed
+    /// nginx master leaves orphaned workers holding its inherited files.)
     fn drop(&mut self) {
+        // SAFETY: plain syscall on our own child's pid.
+        unsafe { libc_kill(self.0.id() as i32, 15) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -411,4 +423,6 @@ fn lint() -> Result<()> {
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
 }

@@ -376,7 +376,7 @@ impl Proxy {
             }
             Ok(Ok(c)) => c.to_bytes(),
         };
-        openai::parse_request(endpoint, &bytes)
+        openai::parse_request(endpoint, bytes)
     }
 
     /// Stage 3: which backend serves the model, and may this identity use it.
@@ -747,8 +747,7 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ApiError> {
         let b = &self.backends[backend];
         let body = parsed.upstream_body(upstream_model, b.stream_usage);
-        b.send(Method::POST, endpoint.path(), headers, Bytes::from(body))
-            .await
+        b.send(Method::POST, endpoint.path(), headers, body).await
     }
 
     /// The client's headers, minus what is for kedge or for this hop only.
@@ -850,16 +849,16 @@ impl Proxy {
             settlement.settle(Usage::default(), "upstream_error");
             return Ok(Response::from_parts(parts, full(bytes)));
         }
-        let Ok(json) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        let Some(answer) = openai::read_answer(&bytes) else {
             settlement.settle(Usage::default(), "upstream_garbage");
             return Err(bad_gateway(
                 &backend.name,
                 "returned a response that is not JSON",
             ));
         };
-        let usage = openai::usage_of(&json).unwrap_or_else(|| Usage {
+        let usage = answer.usage.unwrap_or(Usage {
             prompt_tokens: ctx.prompt_estimate,
-            completion_tokens: tokens::count_text(&openai::response_text(&json)),
+            completion_tokens: tokens::count_bytes(answer.text_bytes),
             reported: false,
         });
         settlement.settle(usage, "complete");

@@ -10,12 +10,17 @@
 
 use std::{
     collections::VecDeque,
+    future::Future,
     pin::Pin,
-    task::{Context, Poll},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Wake, Waker},
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -25,13 +30,18 @@ use super::{BoxError, Settlement};
 use crate::{
     config::OnDisconnect,
     openai::{self, Usage},
-    sse::{Event, MAX_EVENT_BYTES, SseSplitter},
+    sse::{self, MAX_EVENT_BYTES, SseSplitter},
     tokens,
 };
 
 /// Reads usage and generated text out of the events of one stream.
 pub struct Meter {
     splitter: SseSplitter,
+    tally: Tally,
+}
+
+/// What the events seen so far add up to.
+struct Tally {
     /// Drop the usage-only chunk kedge asked for and the client did not.
     strip_usage_chunk: bool,
     reported: Option<Usage>,
@@ -39,66 +49,143 @@ pub struct Meter {
     prompt_estimate: u64,
 }
 
+impl Tally {
+    /// Reads one complete event; `false` when it must not reach the client.
+    fn keep(&mut self, event: &[u8]) -> bool {
+        let Some(data) = sse::data_of(event) else {
+            return true;
+        };
+        // `[DONE]` and anything else that is not JSON pass through untouched.
+        if *data == *b"[DONE]" {
+            return true;
+        }
+        let Some(facts) = openai::read_answer(&data) else {
+            return true;
+        };
+        if facts.usage.is_some() {
+            self.reported = facts.usage;
+        }
+        self.completion_bytes += facts.text_bytes;
+        !(self.strip_usage_chunk && facts.usage_only)
+    }
+}
+
 impl Meter {
     pub fn new(strip_usage_chunk: bool, prompt_estimate: u64) -> Meter {
         Meter {
             splitter: SseSplitter::default(),
-            strip_usage_chunk,
-            reported: None,
-            completion_bytes: 0,
-            prompt_estimate,
+            tally: Tally {
+                strip_usage_chunk,
+                reported: None,
+                completion_bytes: 0,
+                prompt_estimate,
+            },
         }
     }
 
-    /// Feeds upstream bytes; returns the events to forward, in order.
-    fn observe(&mut self, chunk: &[u8]) -> Result<Vec<Bytes>, BoxError> {
-        let events = self.splitter.push(chunk);
+    /// Feeds upstream bytes and queues what is to be forwarded, in order:
+    /// consecutive complete events that pass leave as one slice.
+    fn observe(&mut self, chunk: &[u8], out: &mut VecDeque<Bytes>) -> Result<(), BoxError> {
+        self.splitter.extend(chunk);
+        let mut kept = 0;
+        while let Some(len) = self.splitter.event_at(kept) {
+            if self.tally.keep(&self.splitter.buffered()[kept..kept + len]) {
+                kept += len;
+                continue;
+            }
+            if kept > 0 {
+                out.push_back(self.splitter.take(kept));
+            }
+            self.splitter.skip(len);
+            kept = 0;
+        }
+        if kept > 0 {
+            out.push_back(self.splitter.take(kept));
+        }
         if self.splitter.pending() > MAX_EVENT_BYTES {
             return Err("upstream sent an SSE event over the size limit".into());
         }
-        Ok(events.into_iter().filter_map(|e| self.keep(e)).collect())
+        Ok(())
     }
 
     /// The stream ended: an unterminated last event still counts.
     fn finish(&mut self) -> Option<Bytes> {
         let tail = self.splitter.finish()?;
-        self.keep(tail)
-    }
-
-    fn keep(&mut self, event: Event) -> Option<Bytes> {
-        let Some(data) = &event.data else {
-            return Some(event.raw);
-        };
-        let Ok(json) = serde_json::from_str::<serde_json::Value>(data) else {
-            // `[DONE]` and anything else that is not JSON pass through untouched.
-            return Some(event.raw);
-        };
-        if let Some(usage) = openai::usage_of(&json) {
-            self.reported = Some(usage);
-        }
-        self.completion_bytes += openai::chunk_text(&json).len() as u64;
-        if self.strip_usage_chunk && openai::is_usage_only_chunk(&json) {
-            return None;
-        }
-        Some(event.raw)
+        self.tally.keep(&tail).then_some(tail)
     }
 
     /// Usage as the upstream reported it, else counted from what passed.
     pub fn usage(&self) -> Usage {
-        self.reported.unwrap_or(Usage {
-            prompt_tokens: self.prompt_estimate,
-            completion_tokens: tokens::count_bytes(self.completion_bytes),
+        let t = &self.tally;
+        t.reported.unwrap_or(Usage {
+            prompt_tokens: t.prompt_estimate,
+            completion_tokens: tokens::count_bytes(t.completion_bytes),
             reported: false,
         })
     }
 }
 
+/// Done once the runtime has run every other ready task: tokio's
+/// `yield_now`, observed through a waker of its own, because hyper polls a
+/// body again at once after a `Pending` and that re-poll must not count.
+#[derive(Default)]
+struct GiveWay {
+    resumed: Option<Arc<Resume>>,
+}
+
+struct Resume {
+    done: AtomicBool,
+    task: Waker,
+}
+
+impl Wake for Resume {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.done.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
+
+impl GiveWay {
+    /// True once the other tasks have had their turn.
+    fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(resume) = &self.resumed {
+            return resume.done.load(Ordering::Acquire);
+        }
+        let resume = Arc::new(Resume {
+            done: AtomicBool::new(false),
+            task: cx.waker().clone(),
+        });
+        let waker = Waker::from(resume.clone());
+        // `yield_now` hands its waker to the scheduler, which wakes it after
+        // the ready tasks ran (at once outside a runtime).
+        let mut yielded = std::pin::pin!(tokio::task::yield_now());
+        let _ = yielded.as_mut().poll(&mut Context::from_waker(&waker));
+        let done = resume.done.load(Ordering::Acquire);
+        self.resumed = Some(resume);
+        done
+    }
+}
+
+/// Most bytes held back to coalesce a burst of events into one write.
+const COALESCE_BYTES: usize = 64 << 10;
+
 pub struct MeteredStream {
     upstream: Option<Incoming>,
     meter: Meter,
     out: VecDeque<Bytes>,
+    /// Fires `idle_timeout` after the last upstream frame. It is moved only
+    /// when it fires early, not on every frame (a timer-wheel update per
+    /// event is a measurable share of a stream's cost).
     idle: Pin<Box<Sleep>>,
+    last_frame: Instant,
     idle_timeout: Duration,
+    /// Set while the stream lets the upstream connection run before writing
+    /// what it holds (see `poll_frame`).
+    give_way: Option<GiveWay>,
     on_disconnect: OnDisconnect,
     settlement: Option<Settlement>,
     /// Why the stream ends early, reported once what passed is delivered.
@@ -118,7 +205,9 @@ impl MeteredStream {
             meter,
             out: VecDeque::new(),
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            last_frame: Instant::now(),
             idle_timeout,
+            give_way: None,
             on_disconnect,
             settlement: Some(settlement),
             failure: None,
@@ -129,6 +218,30 @@ impl MeteredStream {
         if let Some(s) = self.settlement.take() {
             s.settle(self.meter.usage(), outcome);
         }
+    }
+
+    /// Everything queued for the client, as one frame.
+    fn take_out(&mut self) -> Bytes {
+        if self.out.len() == 1 {
+            return self.out.pop_front().unwrap_or_default();
+        }
+        let mut all = BytesMut::with_capacity(self.out.iter().map(Bytes::len).sum());
+        for part in self.out.drain(..) {
+            all.extend_from_slice(&part);
+        }
+        all.freeze()
+    }
+
+    /// The upstream has sent nothing for `idle_timeout`.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.idle.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_frame + self.idle_timeout;
+            if deadline <= Instant::now() {
+                return true;
+            }
+            self.idle.as_mut().reset(deadline);
+        }
+        false
     }
 
     /// Ends the stream early: settle with what passed, drop the upstream,
@@ -149,25 +262,17 @@ impl HttpBody for MeteredStream {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        loop {
-            if let Some(bytes) = this.out.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(bytes))));
-            }
-            if let Some(e) = this.failure.take() {
-                return Poll::Ready(Some(Err(e)));
-            }
-            let Some(upstream) = this.upstream.as_mut() else {
-                return Poll::Ready(None);
-            };
+        while let Some(upstream) = this.upstream.as_mut() {
             match Pin::new(upstream).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    let deadline = Instant::now() + this.idle_timeout;
-                    this.idle.as_mut().reset(deadline);
-                    if let Ok(data) = frame.into_data() {
-                        match this.meter.observe(&data) {
-                            Ok(events) => this.out.extend(events),
-                            Err(e) => this.abort("upstream_garbage", e),
-                        }
+                    this.last_frame = Instant::now();
+                    if let Ok(data) = frame.into_data()
+                        && let Err(e) = this.meter.observe(&data, &mut this.out)
+                    {
+                        this.abort("upstream_garbage", e);
+                    }
+                    if this.out.iter().map(Bytes::len).sum::<usize>() >= COALESCE_BYTES {
+                        break;
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -179,16 +284,39 @@ impl HttpBody for MeteredStream {
                     this.out.extend(this.meter.finish());
                     this.settle("complete");
                 }
-                Poll::Pending => {
-                    if this.idle.as_mut().poll(cx).is_ready() {
+                Poll::Pending if this.out.is_empty() => {
+                    if this.idle_expired(cx) {
                         tracing::warn!("upstream stream idle too long; ending it");
                         this.abort("upstream_idle", "upstream stream idle timeout".into());
                         continue;
                     }
                     return Poll::Pending;
                 }
+                Poll::Pending => {
+                    // Events wait to go out. The upstream connection is its own
+                    // task and hands over one decoded chunk at a time: let every
+                    // ready task run first, so a burst it has already received
+                    // leaves in one write rather than one write per event.
+                    if this.give_way.get_or_insert_with(GiveWay::default).poll(cx) {
+                        break;
+                    }
+                    return Poll::Pending;
+                }
             }
         }
+        this.give_way = None;
+        if !this.out.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(this.take_out()))));
+        }
+        if let Some(e) = this.failure.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        if this.upstream.is_some() {
+            // Coalescing stopped at its size bound with nothing left queued.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(None)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -222,14 +350,16 @@ impl Drop for MeteredStream {
 
 /// Reads the rest of an abandoned stream to learn its exact usage.
 async fn drain(mut upstream: Incoming, mut meter: Meter, idle: Duration, settlement: Settlement) {
+    let mut unsent = VecDeque::new();
     loop {
         match tokio::time::timeout(idle, upstream.frame()).await {
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data()
-                    && meter.observe(&data).is_err()
+                    && meter.observe(&data, &mut unsent).is_err()
                 {
                     break;
                 }
+                unsent.clear();
             }
             Ok(None) => {
                 meter.finish();
@@ -252,9 +382,9 @@ mod tests {
     const DONE: &str = "data: [DONE]\n\n";
 
     fn run(meter: &mut Meter, parts: &[&str]) -> String {
-        let mut out = Vec::new();
+        let mut out = VecDeque::new();
         for p in parts {
-            out.extend(meter.observe(p.as_bytes()).unwrap());
+            meter.observe(p.as_bytes(), &mut out).unwrap();
         }
         out.extend(meter.finish());
         out.iter()
@@ -306,6 +436,6 @@ mod tests {
     fn an_endless_event_is_refused() {
         let mut m = Meter::new(true, 0);
         let blob = vec![b'x'; MAX_EVENT_BYTES + 1];
-        assert!(m.observe(&blob).is_err());
+        assert!(m.observe(&blob, &mut VecDeque::new()).is_err());
     }
 }
