@@ -274,10 +274,9 @@ fn bench(args: &[String]) -> Result<()> {
         return match name {
             Some(name @ ("kernel" | "proxy" | "flood")) => {
                 if name != "kernel" {
-                    // The debug binaries `cargo test` builds (a no-op after it).
-                    status(
-                        ebpf_toolchain_env(&mut cargo()).args(["build", "-p", "kedge", "--bins"]),
-                    )?;
+                    // The debug binaries, built exactly as `cargo test` builds
+                    // them (same packages and features: a no-op after it).
+                    status(ebpf_toolchain_env(&mut cargo()).args(["test", "--no-run"]))?;
                 }
                 smoke_one(name)
             }
