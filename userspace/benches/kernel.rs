@@ -1,6 +1,6 @@
 //! `cargo xtask bench kernel`: what the kernel edge costs per packet.
 //!
-//! BPF_PROG_TEST_RUN runs a program `REPEAT` times on one frame and reports the
+//! BPF_PROG_TEST_RUN runs a program `Plan::repeat` times on one frame and reports the
 //! mean time per run. We measure the real programs (`kedge_tc`, `kedge_xdp`) on
 //! an established packet (ACK) and on a new connection (SYN taking the full
 //! path: LPM lookup, tenant, both buckets charged, mark), next to the empty
@@ -10,6 +10,11 @@
 //!
 //! A plain binary (`harness = false`), not a test: it needs root and takes a
 //! while, and its output is a table for docs/benchmarks.md, not a verdict.
+//!
+//! `--smoke` (what `cargo xtask test` runs, in the debug profile): 10 000 runs
+//! per call, one round, 10 and 10 000 CIDRs only. The figures are printed but
+//! mean little; the point is that every path still runs and every SYN is
+//! still admitted. Without root it prints `skipped:` and succeeds.
 
 #[path = "../../tests/support/packet.rs"]
 mod packet;
@@ -26,15 +31,33 @@ use kedge::kernel::{EdgeMaps, load_unpinned};
 use kedge_common::{Bucket, MAX_CLASSES, NetEntry, Reason, SourceKey, counter_slot};
 use packet::{ACK, Packet};
 
-/// Runs per BPF_PROG_TEST_RUN call.
-const REPEAT: u32 = 1_000_000;
-/// Rounds per figure; the median is reported.
-const ROUNDS: usize = 7;
+/// How much to measure: the full benchmark or the smoke run.
+#[derive(Clone, Copy)]
+struct Plan {
+    /// Runs per BPF_PROG_TEST_RUN call.
+    repeat: u32,
+    /// Rounds per figure; the median is reported.
+    rounds: usize,
+    /// IPv4 CIDRs in NETS_V4 for the scale table.
+    scale: &'static [u32],
+}
+
+const FULL: Plan = Plan {
+    repeat: 1_000_000,
+    rounds: 7,
+    scale: &[10, 10_000, 1_000_000],
+};
+
+const SMOKE: Plan = Plan {
+    repeat: 10_000,
+    rounds: 1,
+    scale: &[10, 10_000],
+};
 const PORT: u16 = 8080;
 
 /// One class whose SYNs take every check and are admitted: a tenant, and class
 /// and source buckets (1e6/s, burst 1e6; refilled before every call, so
-/// all `REPEAT` runs of a call conform and charge both buckets).
+/// all `Plan::repeat` runs of a call conform and charge both buckets).
 const CONFIG: &str = r#"
 [listen]
 addr = "0.0.0.0:8080"
@@ -75,34 +98,45 @@ url = "http://127.0.0.1:9"
 const SOURCE: &str = "10.1.2.9";
 
 fn main() -> Result<()> {
-    let which = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    if which.as_deref().is_some_and(|w| w != "kernel") {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let which = args.iter().find(|a| !a.starts_with('-'));
+    if which.is_some_and(|w| w != "kernel") {
         return Ok(());
     }
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let plan = if smoke { SMOKE } else { FULL };
     // SAFETY: no arguments.
     if unsafe { libc::geteuid() } != 0 {
+        if smoke {
+            println!("skipped: the kernel benchmark loads BPF programs (needs root)");
+            return Ok(());
+        }
         bail!("the kernel benchmark loads BPF programs: run it as root");
     }
     println!(
-        "kedge kernel benchmark: BPF_PROG_TEST_RUN, {REPEAT} runs per call, median of {ROUNDS} rounds"
+        "kedge kernel benchmark{}: BPF_PROG_TEST_RUN, {} runs per call, median of {} rounds",
+        if smoke { " (smoke run)" } else { "" },
+        plan.repeat,
+        plan.rounds
     );
     println!("kernel {}", uname());
     println!();
-    paths()?;
+    paths(plan)?;
     println!();
-    scale()?;
+    scale(plan)?;
     Ok(())
 }
 
 struct Bench {
     ebpf: Ebpf,
     maps: EdgeMaps,
+    plan: Plan,
     /// Kernel id of NETS_V4, to open a second handle on it (EdgeMaps owns the first).
     nets_v4_id: u32,
 }
 
 impl Bench {
-    fn new(nets_v4_entries: Option<u32>) -> Result<Bench> {
+    fn new(plan: Plan, nets_v4_entries: Option<u32>) -> Result<Bench> {
         let mut loader = EbpfLoader::new();
         if let Some(n) = nets_v4_entries {
             loader.map_max_entries("NETS_V4", n);
@@ -126,6 +160,7 @@ impl Bench {
         Ok(Bench {
             ebpf,
             maps,
+            plan,
             nets_v4_id,
         })
     }
@@ -137,7 +172,7 @@ impl Bench {
         let admitted_before = self.admitted()?;
         let opts = TestRunOptions {
             data_in: Some(frame),
-            repeat: REPEAT,
+            repeat: self.plan.repeat,
             ..Default::default()
         };
         let prog = self.ebpf.program(program).context("program")?;
@@ -155,8 +190,11 @@ impl Bench {
             if admitted != 0 {
                 bail!("{program}: {admitted} admissions from a non-SYN or the baseline");
             }
-        } else if admitted != u64::from(REPEAT) {
-            bail!("{program}: only {admitted} of {REPEAT} SYNs admitted");
+        } else if admitted != u64::from(self.plan.repeat) {
+            bail!(
+                "{program}: only {admitted} of {} SYNs admitted",
+                self.plan.repeat
+            );
         }
         // The kernel's own timer: the mean per run in whole nanoseconds, with
         // time spent rescheduled (other processes on this CPU) left out.
@@ -191,7 +229,7 @@ impl Bench {
     /// Median over rounds; every round measures all `cases` back to back.
     fn measure(&mut self, cases: &[(&str, &[u8], bool)]) -> Result<Vec<f64>> {
         let mut samples = vec![Vec::new(); cases.len()];
-        for _ in 0..ROUNDS {
+        for _ in 0..self.plan.rounds {
             for (i, (program, frame, syn)) in cases.iter().enumerate() {
                 samples[i].push(self.once(program, frame, *syn)?);
             }
@@ -205,8 +243,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn paths() -> Result<()> {
-    let mut bench = Bench::new(None)?;
+fn paths(plan: Plan) -> Result<()> {
+    let mut bench = Bench::new(plan, None)?;
     let est = Packet::tcp(SOURCE, PORT, ACK).bytes();
     let syn = Packet::syn(SOURCE, PORT).bytes();
     println!(
@@ -255,13 +293,13 @@ fn paths() -> Result<()> {
     Ok(())
 }
 
-fn scale() -> Result<()> {
+fn scale(plan: Plan) -> Result<()> {
     println!(
         "| IPv4 CIDRs in NETS_V4 | tc empty | tc SYN | ratio | xdp empty | xdp SYN | ratio | fill time |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for n in [10u32, 10_000, 1_000_000] {
-        let mut bench = Bench::new(Some(n + 16))?;
+    for &n in plan.scale {
+        let mut bench = Bench::new(plan, Some(n + 16))?;
         let started = std::time::Instant::now();
         fill_nets_v4(bench.nets_v4_id, n)?;
         let fill = started.elapsed();

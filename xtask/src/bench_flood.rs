@@ -6,6 +6,11 @@
 //! connection limit (the usual alternative). Everything runs in namespaces
 //! created here and removed afterwards; kedge is pinned to CPU 1, the clients
 //! to CPU 0.
+//!
+//! `smoke` (`cargo xtask test`, `cargo xtask bench flood --smoke`): the same
+//! scenarios, short, writing nothing; it fails unless every scenario ran, the
+//! high-priority client was served where it must be, and the kernel program
+//! dropped most of the flood within its per-source budget.
 
 use std::{
     fmt::Write as _,
@@ -69,9 +74,9 @@ struct Scenario {
     nftables: bool,
 }
 
-pub fn run(root: &Path, seconds: f64) -> Result<()> {
+/// `bin`: the directory holding kedge, kedge-sim and kedge-load.
+pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     crate::apt_install(&["nftables"])?;
-    let bin = root.join("target/release");
     let id = std::process::id() % 10_000;
     let work = std::env::temp_dir().join(format!("kedge-bench-flood-{id}"));
     std::fs::create_dir_all(&work)?;
@@ -173,10 +178,14 @@ pub fn run(root: &Path, seconds: f64) -> Result<()> {
     let mut rows = Vec::new();
     for sc in &scenarios {
         println!("bench flood: {} ...", sc.name);
-        rows.push(run_scenario(sc, &bin, &work, &net, up_port, seconds, id)?);
+        rows.push(run_scenario(sc, bin, &work, &net, up_port, seconds, id)?);
     }
     let report = summarise(&rows, seconds);
     println!("{report}");
+    if smoke {
+        let _ = std::fs::remove_dir_all(&work);
+        return check_smoke(&scenarios, &rows);
+    }
     let docs = root.join("docs");
     std::fs::write(
         docs.join("bench-flood.json"),
@@ -330,6 +339,67 @@ fn run_scenario(
     Ok(
         json!({ "scenario": sc.name, "high": high, "flood": flood, "host_cpu_busy_ratio": cpu, "kernel_flood_counters": kernel }),
     )
+}
+
+/// The config's per-source limit for the flood class: 20 new connections/s, burst 20.
+const FLOOD_SOURCE_RATE: f64 = 20.0;
+const FLOOD_SOURCE_BURST: f64 = 20.0;
+
+/// What a smoke run must show. The bounds hold whatever the machine's speed:
+/// the kernel's source bucket admits at most burst + rate × time, and a dropped
+/// SYN holds a flood worker for its whole 200 ms connect timeout, so 64
+/// workers make several times more attempts than the bucket lets through.
+fn check_smoke(scenarios: &[Scenario], rows: &[Value]) -> Result<()> {
+    let n = |v: &Value| v.as_u64().unwrap_or(0) as f64;
+    let attempts = |v: &Value| {
+        n(&v["responses"]) + n(&v["connect_failures"]) + n(&v["timeouts"]) + n(&v["other_errors"])
+    };
+    let mut bad = Vec::new();
+    for (sc, r) in scenarios.iter().zip(rows) {
+        let (high, flood) = (&r["high"], &r["flood"]);
+        if n(&high["ok"]) == 0.0 {
+            bad.push(format!(
+                "{}: the high-priority client got no answer: {high}",
+                sc.name
+            ));
+            continue;
+        }
+        if sc.flood && attempts(flood) == 0.0 {
+            bad.push(format!("{}: the flood made no attempt: {flood}", sc.name));
+            continue;
+        }
+        // Without a flood, or with the kernel program, the high-priority client is served.
+        if (!sc.flood || sc.attach != "off") && n(&high["ok"]) < 0.9 * attempts(high) {
+            bad.push(format!(
+                "{}: the high-priority client was served {} of {} times: {high}",
+                sc.name,
+                n(&high["ok"]),
+                attempts(high)
+            ));
+        }
+        if sc.attach != "off" {
+            let served = n(&flood["ok"]);
+            let elapsed = flood["elapsed_s"].as_f64().unwrap_or(0.0);
+            let cap = FLOOD_SOURCE_BURST + FLOOD_SOURCE_RATE * (elapsed + 1.0);
+            let dropped = 1.0 - served / attempts(flood);
+            if served > cap || dropped < 0.5 {
+                bad.push(format!(
+                    "{}: the kernel let {served} of {} flood attempts through \
+                     (at most {cap:.0} and under half expected): {flood}",
+                    sc.name,
+                    attempts(flood)
+                ));
+            }
+        }
+    }
+    if !bad.is_empty() {
+        bail!("bench flood smoke:\n{}", bad.join("\n"));
+    }
+    println!(
+        "bench flood smoke: ok ({} scenarios; the kernel program dropped most of the flood)",
+        rows.len()
+    );
+    Ok(())
 }
 
 fn summarise(rows: &[Value], seconds: f64) -> String {

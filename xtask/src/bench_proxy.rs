@@ -5,6 +5,10 @@
 //! Placement on the 2-core machine (`taskset`): the load generator on CPU 0,
 //! the proxy under test and the upstream on CPU 1. Results go to
 //! docs/benchmarks.md (table) and docs/bench-proxy.json (raw).
+//!
+//! `smoke` (`cargo xtask test`, `cargo xtask bench proxy --smoke`): concurrency
+//! 1 and 16 only, writes nothing, and fails unless every target served every
+//! request of every cell: the pipeline works, whatever the figures.
 
 use std::{
     fmt::Write as _,
@@ -64,8 +68,9 @@ fn ensure_nginx() -> Result<PathBuf> {
     Ok(nginx)
 }
 
-pub fn run(root: &Path, seconds: f64) -> Result<()> {
-    let bin = root.join("target/release");
+/// `bin`: the directory holding kedge, kedge-sim and kedge-load.
+pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
+    let concurrencies: &[usize] = if smoke { &[1, 16] } else { &[1, 16, 64] };
     let nginx = ensure_nginx()?;
     let work = std::env::temp_dir().join(format!("kedge-bench-proxy-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
@@ -159,7 +164,7 @@ pub fn run(root: &Path, seconds: f64) -> Result<()> {
     let mut rows = Vec::new();
     let mut kedge_peak_rss = kedge_idle_rss;
     for stream in [false, true] {
-        for concurrency in [1usize, 16, 64] {
+        for &concurrency in concurrencies {
             for (name, port) in targets {
                 let mut load = pinned("0", &bin.join("kedge-load"));
                 load.args([
@@ -197,8 +202,18 @@ pub fn run(root: &Path, seconds: f64) -> Result<()> {
             }
         }
     }
-    let report = summarise(&rows, kedge_idle_rss, kedge_peak_rss, seconds);
+    let report = summarise(
+        &rows,
+        concurrencies,
+        kedge_idle_rss,
+        kedge_peak_rss,
+        seconds,
+    );
     println!("{report}");
+    if smoke {
+        let _ = std::fs::remove_dir_all(&work);
+        return check_smoke(&rows);
+    }
     let docs = root.join("docs");
     std::fs::write(
         docs.join("bench-proxy.json"),
@@ -211,7 +226,40 @@ pub fn run(root: &Path, seconds: f64) -> Result<()> {
     Ok(())
 }
 
-fn summarise(rows: &[Value], idle_rss: u64, peak_rss: u64, seconds: f64) -> String {
+/// Every cell: requests answered, all 2xx, none failed or timed out.
+fn check_smoke(rows: &[Value]) -> Result<()> {
+    let mut bad = Vec::new();
+    for r in rows {
+        let v = &r["result"];
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        let failed = n("connect_failures") + n("timeouts") + n("other_errors");
+        if n("ok") == 0 || n("ok") != n("responses") || failed > 0 {
+            bad.push(format!(
+                "{} stream={} c={}: {v}",
+                r["target"], r["stream"], r["concurrency"]
+            ));
+        }
+    }
+    if !bad.is_empty() {
+        bail!(
+            "bench proxy smoke: cells with errors or nothing served:\n{}",
+            bad.join("\n")
+        );
+    }
+    println!(
+        "bench proxy smoke: ok ({} cells, every request answered 2xx)",
+        rows.len()
+    );
+    Ok(())
+}
+
+fn summarise(
+    rows: &[Value],
+    concurrencies: &[usize],
+    idle_rss: u64,
+    peak_rss: u64,
+    seconds: f64,
+) -> String {
     let get = |target: &str, stream: bool, c: usize| {
         rows.iter()
             .find(|r| r["target"] == target && r["stream"] == stream && r["concurrency"] == c)
@@ -231,7 +279,7 @@ fn summarise(rows: &[Value], idle_rss: u64, peak_rss: u64, seconds: f64) -> Stri
          |---|---|---|---|---|---|---|---|---|"
     );
     for stream in [false, true] {
-        for c in [1usize, 16, 64] {
+        for &c in concurrencies {
             let (d, n, k) = (
                 get("direct", stream, c),
                 get("nginx", stream, c),

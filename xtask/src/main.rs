@@ -2,10 +2,14 @@
 //!
 //! - `setup`: install what the eBPF build and the tests need (idempotent; says what it did).
 //! - `build`: release build of the daemon with the embedded eBPF object.
-//! - `test`: the test command of the README (unit + end-to-end; root for the kernel tests).
+//! - `test`: the test command of the README (unit + end-to-end; root for the kernel tests),
+//!   then a smoke run of each benchmark on the debug build the tests used.
 //! - `run [CONFIG]`: build and run the daemon.
 //! - `lint`: rustfmt and clippy, warnings denied.
 //! - `bench kernel`: per-packet cost of the eBPF programs (BPF_PROG_TEST_RUN; root).
+//! - `bench proxy`, `bench flood`: proxy overhead; connection flood (root).
+//! - `bench <kernel|proxy|flood> --smoke`: the short run `test` does (debug build,
+//!   writes nothing, fails when the pipeline does not work).
 //!
 //! Every command but `setup` first checks the toolchain and stops with one clear
 //! sentence when something is missing.
@@ -53,7 +57,7 @@ fn main() -> ExitCode {
         Some("demo") => setup().and_then(|_| demo(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|build|test|run [CONFIG]|lint|install|demo [SECONDS]|bench <kernel|proxy|flood> [SECONDS]>"
+                "usage: cargo xtask <setup|build|test|run [CONFIG]|lint|install|demo [SECONDS]|bench <kernel|proxy|flood> [SECONDS|--smoke]>"
             );
             return ExitCode::from(2);
         }
@@ -257,12 +261,29 @@ fn replace_section(path: &Path, name: &str, content: &str) -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
+    let smoke = args.iter().any(|a| a == "--smoke");
     let seconds = |default: f64| -> Result<f64> {
-        args.get(1)
+        args.iter()
+            .skip(1)
+            .find(|a| !a.starts_with("--"))
             .map_or(Ok(default), |s| s.parse())
             .context("SECONDS")
     };
-    match args.first().map(String::as_str) {
+    let name = args.first().map(String::as_str);
+    if smoke {
+        return match name {
+            Some(name @ ("kernel" | "proxy" | "flood")) => {
+                if name != "kernel" {
+                    // The debug binaries, built exactly as `cargo test` builds
+                    // them (same packages and features: a no-op after it).
+                    status(ebpf_toolchain_env(&mut cargo()).args(["test", "--no-run"]))?;
+                }
+                smoke_one(name)
+            }
+            _ => bail!("usage: cargo xtask bench <kernel|proxy|flood> --smoke"),
+        };
+    }
+    match name {
         // BPF_PROG_TEST_RUN figures for the eBPF programs (userspace/benches/kernel.rs).
         Some("kernel") => status(
             ebpf_toolchain_env(&mut cargo())
@@ -271,15 +292,83 @@ fn bench(args: &[String]) -> Result<()> {
         Some("proxy") => {
             let seconds = seconds(5.0)?;
             build_bins()?;
-            bench_proxy::run(&root(), seconds)
+            bench_proxy::run(&root(), &target_dir().join("release"), seconds, false)
         }
         Some("flood") => {
             let seconds = seconds(10.0)?;
             build_bins()?;
-            bench_flood::run(&root(), seconds)
+            bench_flood::run(&root(), &target_dir().join("release"), seconds, false)
         }
-        _ => bail!("usage: cargo xtask bench <kernel|proxy|flood> [SECONDS]"),
+        _ => bail!("usage: cargo xtask bench <kernel|proxy|flood> [SECONDS|--smoke]"),
     }
+}
+
+/// Seconds per proxy cell and per flood scenario in a smoke run.
+const SMOKE_PROXY_SECONDS: f64 = 0.5;
+const SMOKE_FLOOD_SECONDS: f64 = 1.5;
+
+/// The smoke run of one benchmark on the debug build (`cargo test`'s): short,
+/// writes nothing, fails when the pipeline does not work. Without root it
+/// prints `skipped:` and succeeds where root is needed.
+fn smoke_one(name: &str) -> Result<()> {
+    let debug = target_dir().join("debug");
+    match name {
+        // The bench binary in the test profile: same dependencies as the tests
+        // (no -p: the same packages, hence features, as `cargo test`), so only
+        // the bench itself is compiled. It prints `skipped:` without root.
+        "kernel" => status(
+            ebpf_toolchain_env(&mut cargo())
+                .args(["test", "--bench", "kernel", "--", "kernel", "--smoke"]),
+        ),
+        "proxy" => {
+            if !is_root() && !Path::new("/usr/sbin/nginx").exists() {
+                println!(
+                    "skipped: bench proxy smoke: nginx is not installed and installing it needs root"
+                );
+                return Ok(());
+            }
+            bench_proxy::run(&root(), &debug, SMOKE_PROXY_SECONDS, true)
+        }
+        "flood" => {
+            if !is_root() {
+                println!("skipped: bench flood smoke: network namespaces and eBPF need root");
+                return Ok(());
+            }
+            bench_flood::run(&root(), &debug, SMOKE_FLOOD_SECONDS, true)
+        }
+        _ => bail!("no benchmark {name}"),
+    }
+}
+
+/// The smoke runs of all benchmarks, timed.
+fn smoke_all() -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut times = Vec::new();
+    for name in ["kernel", "proxy", "flood"] {
+        println!("xtask: benchmark smoke run: {name}");
+        let t = std::time::Instant::now();
+        smoke_one(name).with_context(|| format!("benchmark smoke run `{name}`"))?;
+        times.push(format!("{name} {:.1} s", t.elapsed().as_secs_f64()));
+    }
+    println!(
+        "xtask: benchmark smoke runs passed in {:.1} s ({})",
+        started.elapsed().as_secs_f64(),
+        times.join(", ")
+    );
+    Ok(())
+}
+
+/// Where cargo puts its builds.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root().join(d) })
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn is_root() -> bool {
+    // SAFETY: no arguments.
+    unsafe { libc_geteuid() == 0 }
 }
 
 /// Release build of kedge, kedge-sim and kedge-load (demo and benchmarks).
@@ -349,11 +438,19 @@ fn build() -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    // SAFETY: no arguments.
-    if unsafe { libc_geteuid() } != 0 {
+    if !is_root() {
         println!("xtask: not root: the kernel and namespace tests will skip");
     }
-    status(ebpf_toolchain_env(&mut cargo()).arg("test").args(extra))
+    status(ebpf_toolchain_env(&mut cargo()).arg("test").args(extra))?;
+    if !extra.is_empty() {
+        // A filter or other profile: the smoke runs need the plain debug build.
+        println!(
+            "xtask: arguments given to cargo test: benchmark smoke runs left out \
+             (`cargo xtask bench <kernel|proxy|flood> --smoke` runs one)"
+        );
+        return Ok(());
+    }
+    smoke_all()
 }
 
 fn run(config: Option<&str>) -> Result<()> {
