@@ -66,8 +66,15 @@ fn vllm_source_scrapes_metrics() {
     std::thread::spawn(move || {
         for stream in listener.incoming().take(1) {
             let mut s = stream.unwrap();
+            // The whole request head, however many segments it came in.
+            let mut head = Vec::new();
             let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
+            while !head.ends_with(b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
             let body = "vllm:num_requests_waiting{model_name=\"m\"} 12\n\
                         vllm:gpu_cache_usage_perc{model_name=\"m\"} 0.97\n";
             let _ = write!(

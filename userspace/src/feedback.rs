@@ -67,6 +67,14 @@ impl Feedback {
                 })
             })
             .collect();
+        // Published here, before the daemon serves /metrics, not when the
+        // loop first runs: a scrape right after start-up sees the real ratios.
+        for (c, ratio) in cfg.raw.classes.iter().zip(&written) {
+            metrics
+                .admission
+                .with_label_values(&[c.name.get_ref()])
+                .set(*ratio as i64);
+        }
         Feedback {
             shed: ShedController::new(&cfg.raw.gpu),
             queues: AdmissionController::new(cfg.schedule.feedback.clone(), classes)
@@ -84,12 +92,6 @@ impl Feedback {
 
     /// Runs until `stop` flips.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        for (c, ratio) in self.cfg.raw.classes.iter().zip(&self.written) {
-            self.metrics
-                .admission
-                .with_label_values(&[c.name.get_ref()])
-                .set(*ratio as i64);
-        }
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {

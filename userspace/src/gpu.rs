@@ -208,7 +208,11 @@ pub(crate) fn http_get(url: &str, timeout: Duration) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{url}: {e}"))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").map_err(|e| e.to_string())?;
+    // One write: `write!` on a bare socket sends each formatted piece as its
+    // own segment, and a server that answers on the first one and closes
+    // turns the rest into a broken pipe.
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes())
+        .map_err(|e| format!("{url}: {e}"))?;
     let mut resp = String::new();
     s.take(8 << 20)
         .read_to_string(&mut resp)

@@ -59,6 +59,34 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system, every thread) `pid` has used, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the parenthesised command name: utime is the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // The kernel reports clock ticks of 1/100 s (USER_HZ) on every Linux ABI.
+    (ticks(11) + ticks(12)) * 10_000
+}
+
+/// `pid` and its children (nginx's master and its worker).
+fn family(pid: u32) -> Vec<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid)
+        .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+        .collect()
+}
+
 fn ensure_nginx() -> Result<PathBuf> {
     let nginx = PathBuf::from("/usr/sbin/nginx");
     if !nginx.exists() {
@@ -76,7 +104,7 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     std::fs::create_dir_all(&work)?;
 
     let up_port = free_port();
-    let _upstream = Proc(
+    let upstream = Proc(
         pinned("1", &bin.join("kedge-sim"))
             .args([
                 "--listen",
@@ -113,7 +141,7 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
             pid = work.join("nginx.pid").display()
         ),
     )?;
-    let _nginx = Proc(
+    let nginx_proc = Proc(
         pinned("1", &nginx)
             .args(["-c"])
             .arg(&nginx_conf)
@@ -156,16 +184,50 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     wait_port(kedge_port)?;
     let kedge_idle_rss = rss_kib(kedge.0.id());
 
+    // The same proxy with governance off (classification and metrics only):
+    // what the budget, scheduling, routing and ledger cost on top of the
+    // base request path.
+    let plain_port = free_port();
+    let plain_conf = work.join("kedge-plain.toml");
+    let plain_state = work.join("plain");
+    std::fs::create_dir_all(&plain_state)?;
+    std::fs::write(
+        &plain_conf,
+        format!(
+            "[listen]\naddr = \"127.0.0.1:{plain_port}\"\n[kernel]\nattach = \"off\"\n\
+             [[class]]\nname = \"standard\"\npriority = 2\n\
+             [[network]]\ncidr = \"127.0.0.0/8\"\nclass = \"standard\"\ntenant = \"bench\"\n\
+             [[backend]]\nname = \"sim\"\nurl = \"http://127.0.0.1:{up_port}\"\n\
+             [gpu]\nsource = \"none\"\n\
+             [metrics]\naddr = \"127.0.0.1:{}\"\n",
+            free_port()
+        ),
+    )?;
+    let plain = Proc(
+        pinned("1", &bin.join("kedge"))
+            .args(["run", "--config"])
+            .arg(&plain_conf)
+            .env("KEDGE_LOG", "warn")
+            .env("STATE_DIRECTORY", &plain_state)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting kedge (governance off)")?,
+    );
+    wait_port(plain_port)?;
+
+    // Each target, and the processes whose CPU time it costs.
     let targets = [
-        ("direct", up_port),
-        ("nginx", nginx_port),
-        ("kedge", kedge_port),
+        ("direct", up_port, vec![upstream.0.id()]),
+        ("nginx", nginx_port, family(nginx_proc.0.id())),
+        ("kedge", kedge_port, vec![kedge.0.id()]),
+        ("kedge-plain", plain_port, vec![plain.0.id()]),
     ];
     let mut rows = Vec::new();
     let mut kedge_peak_rss = kedge_idle_rss;
     for stream in [false, true] {
         for &concurrency in concurrencies {
-            for (name, port) in targets {
+            for (name, port, pids) in &targets {
+                let cpu_before: u64 = pids.iter().map(|p| cpu_us(*p)).sum();
                 let mut load = pinned("0", &bin.join("kedge-load"));
                 load.args([
                     "--url",
@@ -182,21 +244,25 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
                     load.arg("--stream");
                 }
                 let out = load.output().context("running kedge-load")?;
-                let result: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+                let mut result: Value = serde_json::from_slice(&out.stdout).with_context(|| {
                     format!(
                         "kedge-load output: {}",
                         String::from_utf8_lossy(&out.stderr)
                     )
                 })?;
-                if name == "kedge" {
+                let cpu = pids.iter().map(|p| cpu_us(*p)).sum::<u64>() - cpu_before;
+                let served = result["ok"].as_u64().unwrap_or(0).max(1);
+                result["cpu_us_per_request"] = json!(cpu as f64 / served as f64);
+                if *name == "kedge" {
                     kedge_peak_rss = kedge_peak_rss.max(rss_kib(kedge.0.id()));
                 }
                 println!(
-                    "bench proxy: {:>6} stream={stream:<5} c={concurrency:<3} {:>8.0} req/s p50 {:>7.3} ms p99 {:>7.3} ms",
+                    "bench proxy: {:>11} stream={stream:<5} c={concurrency:<3} {:>8.0} req/s p50 {:>7.3} ms p99 {:>7.3} ms {:>6.1} us CPU/request",
                     name,
                     result["throughput_rps"].as_f64().unwrap_or(0.0),
                     result["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
-                    result["latency_ms"]["p99"].as_f64().unwrap_or(0.0)
+                    result["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+                    result["cpu_us_per_request"].as_f64().unwrap_or(0.0)
                 );
                 rows.push(json!({"target": name, "stream": stream, "concurrency": concurrency, "result": result}));
             }
@@ -308,6 +374,42 @@ fn summarise(
                 } else {
                     0.0
                 },
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nCPU time per request of each process (user + system, all threads, from `/proc/PID/stat` \
+         around each cell): the upstream's own when sent directly, the proxy's own otherwise. \
+         `kedge plain` is the same binary with governance off (classification and metrics only: \
+         no budget, scheduling policy, routes or ledger).\n\n\
+         | stream | conc. | upstream µs | nginx µs | kedge µs | kedge/nginx CPU | kedge plain µs | kedge plain req/s | kedge plain added p99 ms |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    for stream in [false, true] {
+        for &c in concurrencies {
+            let (d, n, k, p) = (
+                get("direct", stream, c),
+                get("nginx", stream, c),
+                get("kedge", stream, c),
+                get("kedge-plain", stream, c),
+            );
+            let cpu = |v: &Value| v["cpu_us_per_request"].as_f64().unwrap_or(0.0);
+            let lat = |v: &Value, q: &str| v["latency_ms"][q].as_f64().unwrap_or(0.0);
+            let _ = writeln!(
+                md,
+                "| {stream} | {c} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.0} | {:.3} |",
+                cpu(&d),
+                cpu(&n),
+                cpu(&k),
+                if cpu(&n) > 0.0 {
+                    cpu(&k) / cpu(&n)
+                } else {
+                    0.0
+                },
+                cpu(&p),
+                p["throughput_rps"].as_f64().unwrap_or(0.0),
+                (lat(&p, "p99") - lat(&d, "p99")).max(0.0),
             );
         }
     }
