@@ -311,11 +311,10 @@ impl HttpBody for MeteredStream {
         if let Some(e) = this.failure.take() {
             return Poll::Ready(Some(Err(e)));
         }
-        if this.upstream.is_some() {
-            // Coalescing stopped at its size bound with nothing left queued.
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
+        debug_assert!(
+            this.upstream.is_none(),
+            "the loop leaves an open upstream only with events queued"
+        );
         Poll::Ready(None)
     }
 
