@@ -42,6 +42,10 @@ const TOOL_PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "sqlite3",
     "gcc",
+    // The smoke runs of the benchmarks in the test command: nginx is the
+    // proxy baseline, nftables the flood bench's alternative.
+    "nginx-light",
+    "nftables",
 ];
 
 fn main() -> ExitCode {
