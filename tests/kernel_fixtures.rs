@@ -812,7 +812,7 @@ fn a_blocked_tenant_is_dropped_and_unblocking_admits_it_again() {
                 tokens_used: 1_000,
                 tokens_limit: 2_000,
                 blocked: 0,
-                _pad: 0
+                id: product
             }
         );
     }
@@ -930,4 +930,220 @@ fn monotonic_ns() -> u64 {
 /// The clock the kernel's buckets run on (`bpf_ktime_get_coarse_ns`).
 fn bucket_clock_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+/// `CONFIG` with `from` replaced by `to` (which must occur).
+fn config_with(from: &str, to: &str) -> Loaded {
+    assert!(CONFIG.contains(from), "{from}");
+    parse(Path::new("fixture.toml"), &CONFIG.replace(from, to)).unwrap()
+}
+
+#[test]
+fn a_cached_source_is_reclassified_after_a_sync_that_moves_its_cidr() {
+    require_kernel!();
+    for mode in MODES {
+        let mut f = Fixture::new(mode);
+        let (interactive, batch, blocked) =
+            (f.class("interactive"), f.class("batch"), f.class("blocked"));
+        let product = f.tenant("product");
+        let srcs = ["10.1.2.9", "fd00:1:2::9"];
+        // Many SYNs from each source: all but the first are classified from
+        // the per-CPU cache.
+        for src in srcs {
+            f.run_n(&Packet::syn(src, PORT).bytes(), 100);
+            assert_eq!(f.counted(), [(interactive, Reason::Admitted, 100)], "{src}");
+        }
+
+        // A reload moves the /24 and the /48 to the deny class: the cached
+        // sources are dropped from the next SYN on.
+        let to_deny = |c: &str| {
+            c.replace(
+                "cidr = \"10.1.2.0/24\"\nclass = \"interactive\"",
+                "cidr = \"10.1.2.0/24\"\nclass = \"blocked\"",
+            )
+            .replace(
+                "cidr = \"fd00:1:2::/48\"\nclass = \"interactive\"",
+                "cidr = \"fd00:1:2::/48\"\nclass = \"blocked\"",
+            )
+        };
+        let denied = parse(Path::new("fixture.toml"), &to_deny(CONFIG)).unwrap();
+        f.maps.sync(&denied).unwrap();
+        for src in srcs {
+            assert_eq!(f.run(&Packet::syn(src, PORT)), Out::Drop, "{mode:?} {src}");
+            f.run_n(&Packet::syn(src, PORT).bytes(), 10);
+            assert_eq!(f.counted(), [(blocked, Reason::Denied, 11)], "{src}");
+        }
+
+        // Another moves them to another class (same tenant): the mark follows.
+        let rebatched = config_with(
+            "cidr = \"10.1.2.0/24\"\nclass = \"interactive\"",
+            "cidr = \"10.1.2.0/24\"\nclass = \"batch\"",
+        );
+        f.maps.sync(&rebatched).unwrap();
+        assert_eq!(
+            f.run(&Packet::syn("10.1.2.9", PORT)),
+            f.admitted(batch, product)
+        );
+        assert_eq!(f.counted(), [(batch, Reason::Admitted, 1)]);
+
+        // And back: the original classification again.
+        let original = parse(Path::new("fixture.toml"), CONFIG).unwrap();
+        f.maps.sync(&original).unwrap();
+        for src in srcs {
+            assert_eq!(
+                f.run(&Packet::syn(src, PORT)),
+                f.admitted(interactive, product),
+                "{mode:?} {src}"
+            );
+        }
+        assert_eq!(f.counted(), [(interactive, Reason::Admitted, 2)]);
+
+        // A source that matched nothing follows a change of the default class.
+        let standard = f.class("standard");
+        f.run_n(&Packet::syn("10.9.9.9", PORT).bytes(), 10);
+        assert_eq!(f.counted(), [(standard, Reason::Admitted, 10)]);
+        let default_blocked = config_with(
+            "default_class = \"standard\"",
+            "default_class = \"blocked\"",
+        );
+        f.maps.sync(&default_blocked).unwrap();
+        assert_eq!(f.run(&Packet::syn("10.9.9.9", PORT)), Out::Drop);
+        assert_eq!(f.counted(), [(blocked, Reason::Denied, 1)]);
+    }
+}
+
+#[test]
+fn a_cached_classification_skips_no_check() {
+    require_kernel!();
+    for mode in MODES {
+        let mut f = Fixture::new(mode);
+        let (crawler, batch, interactive) =
+            (f.class("crawler"), f.class("batch"), f.class("interactive"));
+        let product = f.tenant("product");
+        // The source bucket (burst 2) still runs dry for a cached source.
+        f.run_n(&Packet::syn("10.3.0.1", PORT).bytes(), 50);
+        assert_eq!(
+            f.counted(),
+            [
+                (crawler, Reason::Admitted, 2),
+                (crawler, Reason::SourceRate, 48)
+            ]
+        );
+        // So does the class bucket (burst 3), from one cached source.
+        f.run_n(&Packet::syn("10.1.9.9", PORT).bytes(), 50);
+        assert_eq!(
+            f.counted(),
+            [(batch, Reason::Admitted, 3), (batch, Reason::ClassRate, 47)]
+        );
+        // Tenant state and admission are read live, not cached.
+        let syn = Packet::syn("10.1.2.9", PORT);
+        f.run_n(&syn.bytes(), 10);
+        assert_eq!(f.counted(), [(interactive, Reason::Admitted, 10)]);
+        f.maps.set_tenant(product, 1, 1, true).unwrap();
+        assert_eq!(f.run(&syn), Out::Drop);
+        assert_eq!(f.counted(), [(interactive, Reason::TenantBlocked, 1)]);
+        f.maps.set_tenant(product, 1, 2, false).unwrap();
+        f.maps.set_admission(interactive, 0).unwrap();
+        assert_eq!(f.run(&syn), Out::Drop);
+        assert_eq!(f.counted(), [(interactive, Reason::Shed, 1)]);
+        f.maps.set_admission(interactive, 1000).unwrap();
+        assert_eq!(f.run(&syn), f.admitted(interactive, product));
+        assert_eq!(f.counted(), [(interactive, Reason::Admitted, 1)]);
+    }
+}
+
+#[test]
+fn sources_sharing_a_cache_slot_are_told_apart() {
+    require_kernel!();
+    // Two addresses of different classes that hash to the same cache slot.
+    let slot = |v4: [u8; 4]| kedge_common::source_class_slot(&mapped(v4));
+    let blocked_src = [10, 1, 2, 3];
+    let other = (0..=u16::MAX)
+        .map(|i| [10, 9, (i >> 8) as u8, i as u8])
+        .find(|a| slot(*a) == slot(blocked_src))
+        .expect("a colliding address in 10.9.0.0/16");
+    let other = format!("{}.{}.{}.{}", other[0], other[1], other[2], other[3]);
+    for mode in MODES {
+        let mut f = Fixture::new(mode);
+        let (standard, blocked) = (f.class("standard"), f.class("blocked"));
+        for _ in 0..3 {
+            assert_eq!(f.run(&Packet::syn("10.1.2.3", PORT)), Out::Drop, "{mode:?}");
+            assert_eq!(
+                f.run(&Packet::syn(&other, PORT)),
+                f.admitted(standard, 0),
+                "{mode:?} {other}"
+            );
+            // The same 16 bytes as an IPv6 source (::ffff:10.1.2.3) are looked
+            // up in NETS_V6, where nothing matches: the family tells them apart.
+            assert_eq!(
+                f.run(&Packet::syn("::ffff:10.1.2.3", PORT)),
+                f.admitted(standard, 0),
+                "{mode:?} v4-mapped IPv6"
+            );
+        }
+        assert_eq!(
+            f.counted(),
+            [
+                (standard, Reason::Admitted, 6),
+                (blocked, Reason::Denied, 3)
+            ]
+        );
+    }
+}
+
+#[test]
+fn tenant_slots_survive_syncs_and_are_not_reused_within_one() {
+    require_kernel!();
+    for mode in MODES {
+        let mut f = Fixture::new(mode);
+        let (batch, interactive) = (f.class("batch"), f.class("interactive"));
+        let (product, research) = (f.tenant("product"), f.tenant("research"));
+        let lab = kedge::config::tenant_id("lab");
+        f.maps.set_tenant(product, 3, 30, false).unwrap();
+        let research_slot = f.maps.tenant_slot(research).unwrap();
+        let product_slot = f.maps.tenant_slot(product).unwrap();
+        // Warm the cache with research's source.
+        f.run_n(&Packet::syn("10.1.9.9", PORT).bytes(), 5);
+        assert_eq!(
+            f.counted(),
+            [(batch, Reason::Admitted, 3), (batch, Reason::ClassRate, 2)]
+        );
+
+        // A reload hands research's networks to a new tenant, lab.
+        let cfg = parse(
+            Path::new("fixture.toml"),
+            &CONFIG.replace("tenant = \"research\"", "tenant = \"lab\""),
+        )
+        .unwrap();
+        f.maps.sync(&cfg).unwrap();
+        assert_eq!(f.maps.tenant(research), None);
+        let lab_slot = f.maps.tenant_slot(lab).expect("lab has a slot");
+        assert_ne!(
+            lab_slot, research_slot,
+            "a slot freed by a sync is not reused by it"
+        );
+        assert_eq!(f.maps.tenant_slot(product), Some(product_slot));
+        assert_eq!(f.maps.tenant(product).unwrap().tokens_used, 3);
+        assert_eq!(f.maps.tenant(lab).unwrap().id, lab);
+
+        // Blocking lab drops its (formerly research's, cached) source; product is untouched.
+        f.set_class_bucket_tat(batch, 0);
+        f.maps.set_tenant(lab, 1, 1, true).unwrap();
+        assert_eq!(f.run(&Packet::syn("10.1.9.9", PORT)), Out::Drop, "{mode:?}");
+        assert_eq!(
+            f.run(&Packet::syn("10.1.2.9", PORT)),
+            f.admitted(interactive, product)
+        );
+        assert_eq!(
+            f.counted(),
+            [
+                (interactive, Reason::Admitted, 1),
+                (batch, Reason::TenantBlocked, 1)
+            ]
+        );
+        // The next sync may reuse research's old slot.
+        f.maps.sync(&cfg).unwrap();
+        assert_eq!(f.maps.tenant_slot(lab), Some(lab_slot));
+        assert!(f.maps.tenant(lab).unwrap().blocked == 1, "state kept");
+    }
 }

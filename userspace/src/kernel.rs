@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -24,8 +24,8 @@ use aya::{
 };
 use kedge_common::{
     ADMIT_ALL, Admission, CLASS_DENY, COUNTER_SLOTS, ClassPolicy, GpuLoad, MAPS_ABI_VERSION,
-    MAX_CLASSES, MAX_GPUS, MAX_PORTS, NetEntry, SETTINGS_ENABLED, SETTINGS_MARK, Settings,
-    TenantState,
+    MAX_CLASSES, MAX_GPUS, MAX_PORTS, MAX_TENANTS, NetEntry, SETTINGS_ENABLED, SETTINGS_MARK,
+    Settings, TenantState,
 };
 
 use crate::config::{AttachMode, Loaded};
@@ -34,7 +34,7 @@ use crate::config::{AttachMode, Loaded};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kedge-ebpf"));
 
 /// Names of the pinned maps, as in the program and in docs/maps.md.
-pub const MAP_NAMES: [&str; 10] = [
+pub const MAP_NAMES: [&str; 11] = [
     "SETTINGS",
     "NETS_V4",
     "NETS_V6",
@@ -42,6 +42,7 @@ pub const MAP_NAMES: [&str; 10] = [
     "ADMISSION",
     "CLASS_BUCKETS",
     "SRC_BUCKETS",
+    "SRC_CLASSES",
     "TENANTS",
     "GPU_LOAD",
     "COUNTERS",
@@ -119,6 +120,12 @@ impl KernelEdge {
             _link: attach(&mut ebpf, &dir, mode, iface)?,
             dir,
         };
+        // A daemon of another map ABI left its links and maps pinned: unpinning
+        // them detaches its program, which would otherwise keep judging
+        // packets with its old maps next to ours.
+        for old in remove_other_abi_dirs(&kcfg.pin_root)? {
+            tracing::info!(dir = %old.display(), "removed the pins of another map ABI version");
+        }
         if mode == AttachMode::Tc && kcfg.mark {
             // The accepted socket inherits the SYN's mark only with this on (per netns).
             std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
@@ -141,7 +148,9 @@ pub struct EdgeMaps {
     nets_v6: LpmTrie<MapData, [u8; 16], NetEntry>,
     classes: Array<MapData, ClassPolicy>,
     admission: Array<MapData, Admission>,
-    tenants: HashMap<MapData, u32, TenantState>,
+    tenants: Array<MapData, TenantState>,
+    /// Tenant id → its slot in `TENANTS` (read back from the map when reopened).
+    tenant_slots: std::collections::HashMap<u32, u32>,
     gpu_load: Array<MapData, GpuLoad>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -158,6 +167,7 @@ impl EdgeMaps {
             classes: typed(ebpf, "CLASSES")?,
             admission: typed(ebpf, "ADMISSION")?,
             tenants: typed(ebpf, "TENANTS")?,
+            tenant_slots: std::collections::HashMap::new(),
             gpu_load: typed(ebpf, "GPU_LOAD")?,
             counters: typed(ebpf, "COUNTERS")?,
         };
@@ -165,6 +175,8 @@ impl EdgeMaps {
             for class in 0..MAX_CLASSES {
                 maps.set_admission(class, ADMIT_ALL)?;
             }
+        } else {
+            maps.tenant_slots = tenant_slots(&maps.tenants)?;
         }
         Ok(maps)
     }
@@ -172,10 +184,18 @@ impl EdgeMaps {
     /// Makes the maps say what `cfg` says: settings, class policies, networks, tenants.
     /// Entries no longer in the config are removed (a tenant with them); counters,
     /// buckets, admission ratios, GPU load and known tenants' state are kept.
+    /// Bumps `Settings.generation`, so the programs' cached source
+    /// classifications are all stale once the new settings are in.
     pub fn sync(&mut self, cfg: &Loaded) -> Result<()> {
+        let previous = self.settings.get(&0, 0).context("reading SETTINGS")?;
+        let mut generation = previous.generation.wrapping_add(1);
+        if generation == 0 {
+            generation = 1;
+        }
         let mut settings = Settings {
             default_class: cfg.default_class,
             flags: SETTINGS_ENABLED,
+            generation,
             ..Default::default()
         };
         if cfg.attach() == AttachMode::Tc && cfg.raw.kernel.mark {
@@ -199,13 +219,33 @@ impl EdgeMaps {
                 .context("writing CLASSES")?;
         }
 
+        // Tenants first: every slot a network names holds its tenant before
+        // the network does. A slot freed below is not reused in this sync, so
+        // a program still holding the old classification never reads another
+        // tenant's state under it (and the kernel checks the slot's id anyway).
+        let stale: Vec<u32> = self
+            .tenant_slots
+            .keys()
+            .copied()
+            .filter(|id| !cfg.tenant_ids.values().any(|v| v == id))
+            .collect();
+        for id in cfg.tenant_ids.values() {
+            self.tenant_slot_or_new(*id)?;
+        }
+
         let mut want_v4 = std::collections::HashMap::new();
         let mut want_v6 = std::collections::HashMap::new();
         for n in &cfg.raw.networks {
             let cidr = n.cidr.get_ref();
+            let tenant = n.tenant.as_ref().map_or(0, |t| cfg.tenant_ids[t.get_ref()]);
             let entry = NetEntry {
                 class: cfg.class_ids[n.class.get_ref()],
-                tenant: n.tenant.as_ref().map_or(0, |t| cfg.tenant_ids[t.get_ref()]),
+                tenant,
+                tenant_slot: if tenant == 0 {
+                    0
+                } else {
+                    self.tenant_slots[&tenant]
+                },
             };
             match cidr.addr() {
                 IpAddr::V4(a) => want_v4.insert((cidr.prefix() as u32, a.octets()), entry),
@@ -215,19 +255,10 @@ impl EdgeMaps {
         sync_trie(&mut self.nets_v4, &want_v4).context("writing NETS_V4")?;
         sync_trie(&mut self.nets_v6, &want_v6).context("writing NETS_V6")?;
 
-        let stale: Vec<u32> = self
-            .tenants
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|id| !cfg.tenant_ids.values().any(|v| v == id))
-            .collect();
         for id in stale {
-            let _ = self.tenants.remove(&id);
-        }
-        for id in cfg.tenant_ids.values() {
-            if self.tenants.get(id, 0).is_err() {
+            if let Some(slot) = self.tenant_slots.remove(&id) {
                 self.tenants
-                    .insert(id, TenantState::default(), 0)
+                    .set(slot, TenantState::default(), 0)
                     .context("writing TENANTS")?;
             }
         }
@@ -264,18 +295,48 @@ impl EdgeMaps {
     /// Records what the budget layer knows about tenant `id`: tokens used and
     /// the limit of its tightest window, and whether the edge sheds it.
     pub fn set_tenant(&mut self, id: u32, used: u64, limit: u64, blocked: bool) -> Result<()> {
+        let slot = self.tenant_slot_or_new(id)?;
         let state = TenantState {
             tokens_used: used,
             tokens_limit: limit,
             blocked: u32::from(blocked),
-            _pad: 0,
+            id,
         };
-        self.tenants.insert(id, state, 0).context("writing TENANTS")
+        self.tenants.set(slot, state, 0).context("writing TENANTS")
     }
 
     /// The kernel's copy of tenant `id`'s state, if it has one.
     pub fn tenant(&self, id: u32) -> Option<TenantState> {
-        self.tenants.get(&id, 0).ok()
+        let slot = self.tenant_slot(id)?;
+        self.tenants.get(&slot, 0).ok().filter(|t| t.id == id)
+    }
+
+    /// Tenant `id`'s slot in `TENANTS` (what `NetEntry.tenant_slot` holds).
+    pub fn tenant_slot(&self, id: u32) -> Option<u32> {
+        self.tenant_slots.get(&id).copied()
+    }
+
+    /// Tenant `id`'s slot, giving it a free one (with zeroed state) if it has none.
+    fn tenant_slot_or_new(&mut self, id: u32) -> Result<u32> {
+        if id == 0 {
+            bail!("tenant id 0 is reserved for \"no tenant\"");
+        }
+        if let Some(slot) = self.tenant_slot(id) {
+            return Ok(slot);
+        }
+        let taken: std::collections::HashSet<u32> = self.tenant_slots.values().copied().collect();
+        let slot = (0..MAX_TENANTS)
+            .find(|s| !taken.contains(s))
+            .ok_or_else(|| anyhow!("more than {MAX_TENANTS} tenants"))?;
+        let state = TenantState {
+            id,
+            ..Default::default()
+        };
+        self.tenants
+            .set(slot, state, 0)
+            .context("writing TENANTS")?;
+        self.tenant_slots.insert(id, slot);
+        Ok(slot)
     }
 
     /// Records GPU `index`'s raw load (from NVML), stamped with CLOCK_MONOTONIC
@@ -316,6 +377,20 @@ impl EdgeMaps {
             })
             .collect()
     }
+}
+
+/// Tenant id → slot, read from a `TENANTS` array (one entry per slot in use).
+pub fn tenant_slots(
+    tenants: &Array<MapData, TenantState>,
+) -> Result<std::collections::HashMap<u32, u32>> {
+    let mut slots = std::collections::HashMap::new();
+    for slot in 0..MAX_TENANTS {
+        let t = tenants.get(&slot, 0).context("reading TENANTS")?;
+        if t.id != 0 {
+            slots.insert(t.id, slot);
+        }
+    }
+    Ok(slots)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds.
@@ -476,6 +551,27 @@ pub fn detach(pin_root: &Path) -> Result<bool> {
     Ok(true)
 }
 
+/// Removes `<pin_root>/v<N>` for every `N` but this build's `MAPS_ABI_VERSION`;
+/// returns what it removed.
+fn remove_other_abi_dirs(pin_root: &Path) -> Result<Vec<PathBuf>> {
+    let ours = pin_dir(pin_root);
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(pin_root)? {
+        let path = entry?.path();
+        let versioned = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix('v'))
+            .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
+        if versioned && path.is_dir() && path != ours {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Mounts bpffs at /sys/fs/bpf when `pin_root` is below it and nothing is mounted.
@@ -578,4 +674,27 @@ fn socket_mark(sock: &impl AsRawFd) -> Option<u32> {
         )
     };
     (rc == 0).then_some(mark)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_other_abi_versions_are_removed() {
+        let root = std::env::temp_dir().join(format!("kedge-abi-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let ours = pin_dir(&root);
+        let old = root.join(format!("v{}", MAPS_ABI_VERSION - 1));
+        for d in [&ours, &old, &root.join("vx"), &root.join("other")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(old.join("link_tc_eth0"), b"").unwrap();
+        std::fs::write(ours.join("COUNTERS"), b"").unwrap();
+        assert_eq!(remove_other_abi_dirs(&root).unwrap(), vec![old.clone()]);
+        assert!(!old.exists());
+        assert!(ours.join("COUNTERS").exists());
+        assert!(root.join("vx").exists() && root.join("other").exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

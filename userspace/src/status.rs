@@ -5,7 +5,7 @@
 use std::{fmt::Write as _, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
 use kedge_common::{
     Admission, COUNTER_SLOTS, GLOBAL_SLOT, GpuLoad, MAX_CLASSES, MAX_GPUS, REASONS, Reason,
     TenantState,
@@ -58,8 +58,13 @@ pub const MAP_DOCS: &[MapDoc] = &[
         writer: "kernel",
     },
     MapDoc {
+        name: "SRC_CLASSES",
+        holds: "hash of source address -> cached class and tenant (per CPU)",
+        writer: "kernel",
+    },
+    MapDoc {
         name: "TENANTS",
-        holds: "tenant id -> tokens used, limit, blocked at the edge",
+        holds: "tenant slot -> tenant id, tokens used, limit, blocked at the edge",
         writer: "daemon (budgets)",
     },
     MapDoc {
@@ -220,12 +225,16 @@ pub fn snapshot(cfg: &Loaded) -> Result<Snapshot> {
         });
     }
     if attached {
-        let tenants: HashMap<MapData, u32, TenantState> = open_map(&dir, "TENANTS")?.try_into()?;
+        let tenants: Array<MapData, TenantState> = open_map(&dir, "TENANTS")?.try_into()?;
+        let slots = crate::kernel::tenant_slots(&tenants)?;
         let month = month_spend(cfg);
         let mut names: Vec<(&String, &u32)> = cfg.tenant_ids.iter().collect();
         names.sort();
         for (name, id) in names {
-            let t = tenants.get(id, 0).unwrap_or_default();
+            let t = slots
+                .get(id)
+                .and_then(|slot| tenants.get(slot, 0).ok())
+                .unwrap_or_default();
             let (month_tokens, month_cost_micros) = month.get(name).copied().unwrap_or((0, 0));
             snap.tenants.push(TenantRow {
                 name: name.clone(),
@@ -422,7 +431,7 @@ mod tests {
         }
         let text = render_maps(Path::new("/sys/fs/bpf/kedge"));
         assert!(
-            text.contains("bpftool map dump pinned /sys/fs/bpf/kedge/v1/NETS_V4"),
+            text.contains("bpftool map dump pinned /sys/fs/bpf/kedge/v2/NETS_V4"),
             "{text}"
         );
     }
@@ -432,7 +441,7 @@ mod tests {
         let s = Snapshot {
             attach: "tc",
             interface: Some("eth0".into()),
-            pins: "/sys/fs/bpf/kedge/v1".into(),
+            pins: "/sys/fs/bpf/kedge/v2".into(),
             kernel_attached: true,
             established_packets: 10,
             malformed_packets: 0,

@@ -9,7 +9,7 @@
 #![no_std]
 
 /// Version of the map layouts; names the pin directory `<pin_root>/v<N>`.
-pub const MAPS_ABI_VERSION: u32 = 1;
+pub const MAPS_ABI_VERSION: u32 = 2;
 
 /// Classes are small integers (index into [`ClassPolicy`] arrays).
 pub const MAX_CLASSES: u32 = 16;
@@ -17,8 +17,11 @@ pub const MAX_CLASSES: u32 = 16;
 pub const MAX_NETWORKS: u32 = 65_536;
 /// Per-source token buckets kept (LRU: the least recently seen source is evicted).
 pub const MAX_SOURCES: u32 = 65_536;
-/// Tenants mirrored into the kernel.
+/// Tenants mirrored into the kernel: slots of the `TENANTS` array.
 pub const MAX_TENANTS: u32 = 4_096;
+/// Entries of each CPU's source classification cache (`SRC_CLASSES`, direct
+/// mapped: a source's slot is a hash of its address). A power of two.
+pub const SRC_CLASS_SLOTS: u32 = 1_024;
 /// GPUs whose load is mirrored into the kernel.
 pub const MAX_GPUS: u32 = 16;
 /// Proxy ports the programs watch.
@@ -108,6 +111,10 @@ pub const fn counter_slot(class: u32, reason: Reason) -> u32 {
 pub const SETTINGS_ENABLED: u32 = 1;
 /// `Settings.flags`: set `skb->mark` on admitted SYNs (tc mode only).
 pub const SETTINGS_MARK: u32 = 2;
+/// `Settings.flags`: never trust the source classification cache: every SYN
+/// walks the LPM trie (and refills the cache). For benchmarks and debugging;
+/// the daemon never sets it.
+pub const SETTINGS_NO_CLASS_CACHE: u32 = 4;
 
 /// Global settings, the single entry of the `SETTINGS` array. Written by the daemon.
 #[repr(C)]
@@ -119,6 +126,10 @@ pub struct Settings {
     pub default_class: u32,
     /// `SETTINGS_*` bits.
     pub flags: u32,
+    /// Bumped by every `sync` (never 0): a source classification cached under
+    /// another generation is stale and the SYN is classified afresh.
+    pub generation: u32,
+    pub _pad: u32,
 }
 
 /// Value of the `NETS_V4` / `NETS_V6` LPM tries: what a source CIDR maps to.
@@ -128,6 +139,38 @@ pub struct NetEntry {
     pub class: u32,
     /// Tenant id (see `tenant_id` in userspace); 0 = no tenant.
     pub tenant: u32,
+    /// The tenant's slot in the `TENANTS` array (meaningless when `tenant` is 0).
+    pub tenant_slot: u32,
+}
+
+/// `SourceClass.family` of an IPv4 source (the LPM lookup went to `NETS_V4`).
+pub const FAMILY_V4: u32 = 4;
+/// `SourceClass.family` of an IPv6 source (`NETS_V6`).
+pub const FAMILY_V6: u32 = 6;
+
+/// One entry of the per-CPU source classification cache `SRC_CLASSES`: what
+/// the LPM lookup said for `addr`, under settings generation `generation`.
+/// Written by the programs only; an entry is used only when `addr`, `family`
+/// and `generation` all match, so a config sync invalidates every entry at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceClass {
+    pub addr: SourceKey,
+    /// `Settings.generation` the entry was classified under; 0 = empty.
+    pub generation: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u32,
+    /// The classification (the default class's when no network matched).
+    pub entry: NetEntry,
+    pub _pad: u32,
+}
+
+/// The slot of `addr` in the source classification cache.
+#[inline(always)]
+pub fn source_class_slot(addr: &SourceKey) -> u32 {
+    let w = addr.words();
+    let folded = w[0] ^ w[1] ^ w[2] ^ w[3];
+    folded.wrapping_mul(0x9e37_79b1) >> (32 - SRC_CLASS_SLOTS.trailing_zeros())
 }
 
 /// `ClassPolicy.flags`: every new connection of the class is dropped.
@@ -192,13 +235,40 @@ impl Default for Admission {
 pub const ADMIT_ALL: u32 = 1000;
 
 /// Key of the per-source buckets: the source address, IPv4 as `::ffff:a.b.c.d`.
-#[repr(C)]
+/// Eight-byte aligned so the programs compare and hash it by words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceKey {
     pub addr: [u8; 16],
 }
 
-/// Per-tenant usage and state, key = tenant id. Written by the daemon's budget layer.
+impl SourceKey {
+    /// The address as four native-endian words.
+    #[inline(always)]
+    pub fn words(&self) -> [u32; 4] {
+        // SAFETY: 16 bytes, aligned to 8 (repr(align(8))).
+        unsafe { *(self.addr.as_ptr() as *const [u32; 4]) }
+    }
+
+    /// The address as two native-endian double words.
+    #[inline(always)]
+    pub fn dwords(&self) -> [u64; 2] {
+        // SAFETY: as above.
+        unsafe { *(self.addr.as_ptr() as *const [u64; 2]) }
+    }
+
+    /// The key whose address is these two native-endian double words.
+    #[inline(always)]
+    pub fn from_dwords(d: [u64; 2]) -> SourceKey {
+        let mut key = SourceKey::default();
+        // SAFETY: 16 bytes, aligned to 8.
+        unsafe { *(key.addr.as_mut_ptr() as *mut [u64; 2]) = d };
+        key
+    }
+}
+
+/// Per-tenant usage and state, index = the tenant's slot (`NetEntry.tenant_slot`).
+/// The daemon assigns slots (`sync`) and writes the state (budget layer).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TenantState {
@@ -208,7 +278,9 @@ pub struct TenantState {
     pub tokens_limit: u64,
     /// Non-zero: drop the tenant's new connections at the edge.
     pub blocked: u32,
-    pub _pad: u32,
+    /// The tenant id holding this slot; 0 = a free slot. The programs act on
+    /// `blocked` only when it matches the id they classified.
+    pub id: u32,
 }
 
 /// Raw load of one GPU, index = GPU index. Written by the daemon (NVML), kept for inspection.
@@ -252,6 +324,7 @@ mod pod {
     unsafe impl aya::Pod for Bucket {}
     unsafe impl aya::Pod for Admission {}
     unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for SourceClass {}
     unsafe impl aya::Pod for TenantState {}
     unsafe impl aya::Pod for GpuLoad {}
 }
@@ -272,6 +345,23 @@ mod tests {
         assert_eq!(ClassPolicy::gcra(0, 5), (0, 0));
         assert_eq!(ClassPolicy::gcra(10, 1), (100_000_000, 0));
         assert_eq!(ClassPolicy::gcra(10, 5), (100_000_000, 400_000_000));
+    }
+
+    #[test]
+    fn source_class_slots_are_in_range_and_spread() {
+        let mut seen = [false; SRC_CLASS_SLOTS as usize];
+        for i in 0..=255u8 {
+            let mut k = SourceKey::default();
+            k.addr[10] = 0xff;
+            k.addr[11] = 0xff;
+            k.addr[12..].copy_from_slice(&[10, 1, 2, i]);
+            let slot = source_class_slot(&k);
+            assert!(slot < SRC_CLASS_SLOTS);
+            seen[slot as usize] = true;
+        }
+        // 256 consecutive addresses land on (nearly) 256 different slots.
+        assert!(seen.iter().filter(|s| **s).count() > 200);
+        assert_eq!(core::mem::size_of::<SourceClass>(), 40);
     }
 
     #[test]

@@ -1,14 +1,15 @@
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use kedge_common::{
-    Admission, Bucket, CLASS_DENY, COUNTER_SLOTS, ClassPolicy, GLOBAL_SLOT, GpuLoad, MAX_CLASSES,
-    MAX_GPUS, MAX_NETWORKS, MAX_PORTS, MAX_SOURCES, MAX_TENANTS, NetEntry, Reason,
-    SETTINGS_ENABLED, SETTINGS_MARK, Settings, SourceKey, TenantState, counter_slot, encode_mark,
+    Admission, Bucket, CLASS_DENY, COUNTER_SLOTS, ClassPolicy, FAMILY_V4, FAMILY_V6, GLOBAL_SLOT,
+    GpuLoad, MAX_CLASSES, MAX_GPUS, MAX_NETWORKS, MAX_PORTS, MAX_SOURCES, MAX_TENANTS, NetEntry,
+    Reason, SETTINGS_ENABLED, SETTINGS_MARK, SETTINGS_NO_CLASS_CACHE, SRC_CLASS_SLOTS, Settings,
+    SourceClass, SourceKey, TenantState, counter_slot, encode_mark, source_class_slot,
 };
 
 // ---- maps (the contract; see docs/maps.md) ---------------------------------
@@ -27,8 +28,15 @@ static ADMISSION: Array<Admission, { MAX_CLASSES as usize }> = Array::new();
 static CLASS_BUCKETS: Array<Bucket, { MAX_CLASSES as usize }> = Array::new();
 #[btf_map]
 static SRC_BUCKETS: LruHashMap<SourceKey, Bucket, { MAX_SOURCES as usize }> = LruHashMap::new();
+/// Index = the tenant's slot (`NetEntry.tenant_slot`): an array, so the lookup
+/// is inlined (a hash lookup by tenant id cost a sixth of an admitted SYN).
 #[btf_map]
-static TENANTS: HashMap<u32, TenantState, { MAX_TENANTS as usize }> = HashMap::new();
+static TENANTS: Array<TenantState, { MAX_TENANTS as usize }> = Array::new();
+/// Each CPU's cache of recent sources' classification (direct mapped by a hash
+/// of the address): a repeat source skips the LPM walk. Keyed to
+/// `Settings.generation`, so a `sync` makes every entry stale at once.
+#[btf_map]
+static SRC_CLASSES: PerCpuArray<SourceClass, { SRC_CLASS_SLOTS as usize }> = PerCpuArray::new();
 /// Written by the daemon from NVML for inspection with bpftool; the kernel's
 /// decisions use the admission ratios derived from it, not the raw load.
 #[btf_map]
@@ -297,34 +305,32 @@ fn charged(tat: u64, now: u64, interval: u64) -> u64 {
 }
 
 /// The source address, IPv4 as `::ffff:a.b.c.d` (the per-source bucket key).
+/// Built by double words: byte stores read back as words (the cache's hash and
+/// compare, the map helpers' hashing) would stall store forwarding.
 #[inline(always)]
 fn source(p: &Parsed, start: usize, end: usize) -> Option<SourceKey> {
-    let mut src = SourceKey::default();
     if p.is_v4 {
         let ip = bytes_at(start, end, p.l3, 20)?;
-        src.addr[10] = 0xff;
-        src.addr[11] = 0xff;
         // SAFETY: bytes 12..16 are inside the 20 checked bytes.
-        unsafe {
-            src.addr[12] = *ip.add(12);
-            src.addr[13] = *ip.add(13);
-            src.addr[14] = *ip.add(14);
-            src.addr[15] = *ip.add(15);
-        }
+        let a = unsafe { core::ptr::read_unaligned(ip.add(12) as *const [u8; 4]) };
+        let low = u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]);
+        Some(SourceKey::from_dwords([0, low]))
     } else {
         let ip = bytes_at(start, end, p.l3, 40)?;
-        let mut i = 0;
-        while i < 16 {
-            // SAFETY: the source address is bytes 8..24 of the checked header.
-            src.addr[i] = unsafe { *ip.add(8 + i) };
-            i += 1;
-        }
+        // SAFETY: the source address is bytes 8..24 of the checked header.
+        let (high, low) = unsafe {
+            (
+                core::ptr::read_unaligned(ip.add(8) as *const u64),
+                core::ptr::read_unaligned(ip.add(16) as *const u64),
+            )
+        };
+        Some(SourceKey::from_dwords([high, low]))
     }
-    Some(src)
 }
 
+/// The longest-prefix match for `src`, or the default class.
 #[inline(always)]
-fn classify(src: &SourceKey, is_v4: bool, default_class: u32) -> NetEntry {
+fn lookup_nets(src: &SourceKey, is_v4: bool, default_class: u32) -> NetEntry {
     let found = if is_v4 {
         let key = Key::new(32, [src.addr[12], src.addr[13], src.addr[14], src.addr[15]]);
         NETS_V4.get(&key).copied()
@@ -336,8 +342,47 @@ fn classify(src: &SourceKey, is_v4: bool, default_class: u32) -> NetEntry {
         _ => NetEntry {
             class: default_class,
             tenant: 0,
+            tenant_slot: 0,
         },
     }
+}
+
+/// The source's class and tenant: from this CPU's cache when it holds the
+/// source under the current settings generation, else from the LPM tries
+/// (and then cached). The cache only remembers what the tries said; every
+/// check that follows (deny, tenant, admission, buckets) still runs.
+#[inline(always)]
+fn classify(settings: &Settings, src: &SourceKey, is_v4: bool) -> NetEntry {
+    // One read: `sync` rewrites SETTINGS last, after the tries, so an entry
+    // classified under this generation saw the tries of this generation or a
+    // later one (and one cached under an older generation is never used).
+    // SAFETY: a plain read of a map value field.
+    let generation = unsafe { core::ptr::read_volatile(&settings.generation) };
+    let family = if is_v4 { FAMILY_V4 } else { FAMILY_V6 };
+    let cached = SRC_CLASSES.get_ptr_mut(source_class_slot(src));
+    if let Some(c) = cached {
+        // SAFETY: `c` points into this CPU's map value, which lives while we
+        // run; nothing else on this CPU writes it meanwhile.
+        let c = unsafe { &mut *c };
+        let [a0, a1] = src.dwords();
+        let [c0, c1] = c.addr.dwords();
+        if c.generation == generation
+            && generation != 0
+            && a0 == c0
+            && a1 == c1
+            && c.family == family
+            && settings.flags & SETTINGS_NO_CLASS_CACHE == 0
+        {
+            return c.entry;
+        }
+        let entry = lookup_nets(src, is_v4, settings.default_class);
+        c.addr = *src;
+        c.family = family;
+        c.entry = entry;
+        c.generation = generation;
+        return entry;
+    }
+    lookup_nets(src, is_v4, settings.default_class)
 }
 
 #[inline(always)]
@@ -367,7 +412,7 @@ fn decide(settings: &Settings, seen: Parse, start: usize, end: usize) -> Verdict
     let Some(src) = source(&p, start, end) else {
         return Verdict::Pass;
     };
-    let entry = classify(&src, p.is_v4, settings.default_class);
+    let entry = classify(settings, &src, p.is_v4);
     let class = entry.class;
     match admit(&src, &entry) {
         Some(reason) => {
@@ -395,9 +440,10 @@ fn admit(src: &SourceKey, entry: &NetEntry) -> Option<Reason> {
         return Some(Reason::Denied);
     }
     if entry.tenant != 0 {
-        // SAFETY: read-only look at a value the daemon replaces whole.
-        if let Some(t) = unsafe { TENANTS.get(entry.tenant) } {
-            if t.blocked != 0 {
+        // The slot's id guards against a slot the daemon has since given to
+        // another tenant (a stale classification mid-sync): not ours, not blocked.
+        if let Some(t) = TENANTS.get(entry.tenant_slot) {
+            if t.id == entry.tenant && t.blocked != 0 {
                 return Some(Reason::TenantBlocked);
             }
         }

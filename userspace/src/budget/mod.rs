@@ -1002,7 +1002,7 @@ impl Budget {
                         tokens_used: tightest.map_or(0, |l| l.used()),
                         tokens_limit: tightest.map_or(0, |l| l.max),
                         blocked: blocked as u32,
-                        _pad: 0,
+                        id: crate::config::tenant_id(name),
                     },
                 }
             })
