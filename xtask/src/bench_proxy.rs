@@ -87,6 +87,22 @@ fn family(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// kedge on CPU 1 with `config`, its ledger in `state`, serving `port`.
+fn start_kedge(bin: &Path, config: &Path, state: &Path, port: u16) -> Result<Proc> {
+    let kedge = Proc(
+        pinned("1", &bin.join("kedge"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("KEDGE_LOG", "warn")
+            .env("STATE_DIRECTORY", state)
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting kedge with {}", config.display()))?,
+    );
+    wait_port(port)?;
+    Ok(kedge)
+}
+
 fn ensure_nginx() -> Result<PathBuf> {
     let nginx = PathBuf::from("/usr/sbin/nginx");
     if !nginx.exists() {
@@ -171,17 +187,7 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
              [metrics]\naddr = \"127.0.0.1:{admin_port}\"\n"
         ),
     )?;
-    let kedge = Proc(
-        pinned("1", &bin.join("kedge"))
-            .args(["run", "--config"])
-            .arg(&kedge_conf)
-            .env("KEDGE_LOG", "warn")
-            .env("STATE_DIRECTORY", &work)
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting kedge")?,
-    );
-    wait_port(kedge_port)?;
+    let kedge = start_kedge(bin, &kedge_conf, &work, kedge_port)?;
     let kedge_idle_rss = rss_kib(kedge.0.id());
 
     // The same proxy with governance off (classification and metrics only):
@@ -203,17 +209,7 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
             free_port()
         ),
     )?;
-    let plain = Proc(
-        pinned("1", &bin.join("kedge"))
-            .args(["run", "--config"])
-            .arg(&plain_conf)
-            .env("KEDGE_LOG", "warn")
-            .env("STATE_DIRECTORY", &plain_state)
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting kedge (governance off)")?,
-    );
-    wait_port(plain_port)?;
+    let plain = start_kedge(bin, &plain_conf, &plain_state, plain_port)?;
 
     // Each target, and the processes whose CPU time it costs.
     let targets = [
