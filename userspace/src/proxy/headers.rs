@@ -41,17 +41,37 @@ pub fn request_id(headers: &HeaderMap) -> String {
     )
 }
 
-/// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including those the
-/// `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+/// The headers a `Connection` header names (hop-by-hop for this connection).
+pub fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+        .collect()
+}
+
+/// The fixed hop-by-hop headers of RFC 9110 §7.6.1 (and their legacy kin).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including those the
+/// `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in connection_named(headers) {
         headers.remove(name);
     }
     for name in [
@@ -103,6 +123,26 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn hop_by_hop_names() {
+        for name in [
+            "connection",
+            "te",
+            "keep-alive",
+            "proxy-connection",
+            "upgrade",
+        ] {
+            assert!(is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+        assert!(!is_hop_by_hop(&header::CONTENT_TYPE));
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("x-a, X-B"));
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        let named = connection_named(&h);
+        assert_eq!(named.len(), 3);
+        assert!(named.contains(&HeaderName::from_static("x-b")));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use hyper_util::{
 
 use crate::{
     config::{self, Loaded, OnDisconnect},
-    openai::ApiError,
+    openai::{ApiError, Endpoint},
 };
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -32,6 +32,10 @@ type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 pub struct Backend {
     pub name: String,
     base: Uri,
+    /// The URI of each [`Endpoint`] (`Endpoint as usize`), built once rather
+    /// than formatted and parsed per request. `None` if it does not build: the
+    /// request then fails as before, from [`uri`].
+    endpoint_uris: Vec<Option<Uri>>,
     client: HttpClient,
     /// `Authorization` sent upstream (from `api_key_env`); never logged.
     auth: Option<HeaderValue>,
@@ -73,9 +77,11 @@ impl Backend {
             }
             None => None,
         };
+        let endpoint_uris = ENDPOINTS.iter().map(|e| uri(base, e.path()).ok()).collect();
         Ok(Backend {
             name,
             base: base.clone(),
+            endpoint_uris,
             client,
             auth,
             response_timeout: Duration::from_millis(spec.response_timeout_ms),
@@ -93,9 +99,13 @@ impl Backend {
         mut headers: HeaderMap,
         body: Bytes,
     ) -> Result<Response<Incoming>, ApiError> {
-        let uri = self
-            .uri(path)
-            .map_err(|e| ApiError::invalid("bad_path", format!("Invalid request target: {e}")))?;
+        let built = Endpoint::from_path(path).and_then(|e| self.endpoint_uris[e as usize].clone());
+        let uri = match built {
+            Some(uri) => uri,
+            None => uri(&self.base, path).map_err(|e| {
+                ApiError::invalid("bad_path", format!("Invalid request target: {e}"))
+            })?,
+        };
         if let Some(auth) = &self.auth {
             headers.insert(header::AUTHORIZATION, auth.clone());
         }
@@ -134,21 +144,23 @@ impl Backend {
             Ok(Ok(resp)) => Ok(resp),
         }
     }
+}
 
-    /// The backend URL's path (if any) prefixes the request path.
-    fn uri(&self, path_and_query: &str) -> Result<Uri, hyper::http::Error> {
-        let prefix = self.base.path().trim_end_matches('/');
-        Uri::builder()
-            .scheme(self.base.scheme_str().unwrap_or("http"))
-            .authority(
-                self.base
-                    .authority()
-                    .map(|a| a.as_str())
-                    .unwrap_or_default(),
-            )
-            .path_and_query(format!("{prefix}{path_and_query}"))
-            .build()
-    }
+/// Every [`Endpoint`], in declaration order (`Endpoint as usize`).
+const ENDPOINTS: [Endpoint; 3] = [
+    Endpoint::ChatCompletions,
+    Endpoint::Completions,
+    Endpoint::Embeddings,
+];
+
+/// The backend URL's path (if any) prefixes the request path.
+fn uri(base: &Uri, path_and_query: &str) -> Result<Uri, hyper::http::Error> {
+    let prefix = base.path().trim_end_matches('/');
+    Uri::builder()
+        .scheme(base.scheme_str().unwrap_or("http"))
+        .authority(base.authority().map(|a| a.as_str()).unwrap_or_default())
+        .path_and_query(format!("{prefix}{path_and_query}"))
+        .build()
 }
 
 /// An error and its causes, `: `-joined (hyper's own message is terse).
@@ -180,4 +192,21 @@ pub fn backends(cfg: &Loaded) -> Result<Vec<Backend>> {
         .zip(&cfg.backend_uris)
         .map(|(spec, uri)| Backend::new(spec, uri))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_indexed_in_declaration_order() {
+        for (i, e) in ENDPOINTS.iter().enumerate() {
+            assert_eq!(*e as usize, i);
+        }
+        let base: Uri = "http://h:1/prefix/".parse().unwrap();
+        assert_eq!(
+            uri(&base, Endpoint::Embeddings.path()).unwrap(),
+            "http://h:1/prefix/v1/embeddings"
+        );
+    }
 }
