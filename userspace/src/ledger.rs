@@ -20,17 +20,19 @@
 //! at once and waits; `close` (and `Drop`) flush before the thread ends. A
 //! failed write (disk full, …) is logged, kept and retried every window.
 //!
-//! # Minute rollup
+//! # Rollups
 //!
-//! Next to the `usage` rows the writer keeps `usage_minute`: one row per
-//! tenant, API key, backend and Unix minute (requests, tokens, cost, latest
-//! start), updated in the same transaction as the rows it sums, so a crash
-//! leaves the two consistent. [`rebuild`] reads the rollup for every whole
-//! minute before the last one and raw rows only for the last minute (and the
-//! minute around a cut that falls inside one), so start-up costs what the
-//! month's minutes cost, not what its requests cost. `usage_minute_state`
-//! holds the last `usage` id summed: a ledger from before the rollup (or rows
-//! written by an older kedge) is rolled up once on open.
+//! Next to the `usage` rows the writer keeps `usage_minute` and `usage_hour`:
+//! one row per tenant, API key, backend and Unix minute (hour) with the
+//! requests, tokens, cost and latest start, updated in the same transaction
+//! as the rows they sum, so a crash leaves all three consistent. [`rebuild`]
+//! reads hours, minutes where the plan's grain or a calendar cut needs them,
+//! and raw rows only for the last minute (and a minute a cut splits): its
+//! cost follows the month's hours and keys, not its requests, and the result
+//! is the one a GROUP BY over every row gives. `usage_rollup_state` holds the
+//! last `usage` id summed: a ledger from before the rollups (or rows written
+//! by an older kedge) is rolled up once on open. `kedge usage` still reads
+//! `usage`.
 //!
 //! SQLite is built from source (`rusqlite`'s `bundled`): a few seconds of C
 //! compile once buys the same SQLite on every host and CI without a system
@@ -152,9 +154,10 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE INDEX IF NOT EXISTS usage_started ON usage (started_ns);
 ";
 
-/// The rollup and its watermark. `api_key` is nullable like in `usage`, so
-/// the key is not a UNIQUE constraint (SQLite treats NULLs as distinct): the
-/// single writer updates, or inserts when nothing matched.
+/// The rollups and their watermark: the same sums per minute and per hour.
+/// `api_key` is nullable like in `usage`, so the key is not a UNIQUE
+/// constraint (SQLite treats NULLs as distinct): the single writer updates,
+/// or inserts when nothing matched.
 const ROLLUP_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage_minute (
     minute          INTEGER NOT NULL,  -- Unix time in minutes, floored
@@ -167,27 +170,44 @@ CREATE TABLE IF NOT EXISTS usage_minute (
     last_started_ns INTEGER NOT NULL   -- the latest started_ns summed
 );
 CREATE INDEX IF NOT EXISTS usage_minute_key ON usage_minute (minute, tenant, backend, api_key);
-CREATE TABLE IF NOT EXISTS usage_minute_state (
+CREATE TABLE IF NOT EXISTS usage_hour (
+    hour            INTEGER NOT NULL,  -- Unix time in hours, floored
+    tenant          TEXT    NOT NULL,
+    api_key         TEXT,
+    backend         TEXT    NOT NULL,
+    requests        INTEGER NOT NULL,
+    tokens          INTEGER NOT NULL,
+    cost_micros     INTEGER NOT NULL,
+    last_started_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_hour_key ON usage_hour (hour, tenant, backend, api_key);
+CREATE TABLE IF NOT EXISTS usage_rollup_state (
     through_id INTEGER NOT NULL        -- every usage row with id <= this is summed
 );
 ";
 
-const ROLLUP_UPDATE: &str = "UPDATE usage_minute SET requests = requests + ?5,
-    tokens = tokens + ?6, cost_micros = cost_micros + ?7,
-    last_started_ns = MAX(last_started_ns, ?8)
-    WHERE minute = ?1 AND tenant = ?2 AND backend = ?4 AND api_key IS ?3";
+/// One rollup table: its name, its bucket column and the bucket's length.
+#[derive(Clone, Copy)]
+struct Level {
+    table: &'static str,
+    column: &'static str,
+    ns: i64,
+}
 
-const ROLLUP_INSERT: &str = "INSERT INTO usage_minute (minute, tenant, api_key, backend,
-    requests, tokens, cost_micros, last_started_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+const MINUTES: Level = Level {
+    table: "usage_minute",
+    column: "minute",
+    ns: 60_000_000_000,
+};
 
-const MINUTE_NS: i64 = 60_000_000_000;
+const HOURS: Level = Level {
+    table: "usage_hour",
+    column: "hour",
+    ns: 3_600_000_000_000,
+};
 
 /// `started_ns`'s Unix minute, floored (SQLite's `/` truncates toward zero).
 const MINUTE_OF_STARTED: &str = "(started_ns / 60000000000 - (started_ns % 60000000000 < 0))";
-
-fn minute_of(ns: i64) -> i64 {
-    ns.div_euclid(MINUTE_NS)
-}
 
 const INSERT: &str = "INSERT INTO usage (request_id, tenant, api_key, route, backend, model,
     prompt_tokens, completion_tokens, cached_tokens, cost_micros, started_ns, finished_ns)
@@ -353,13 +373,17 @@ fn catch_up_rollup(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch(ROLLUP_SCHEMA)?;
     let through: Option<i64> =
-        tx.query_row("SELECT MAX(through_id) FROM usage_minute_state", [], |r| {
+        tx.query_row("SELECT MAX(through_id) FROM usage_rollup_state", [], |r| {
             r.get(0)
         })?;
     let last: i64 = tx.query_row("SELECT IFNULL(MAX(id), 0) FROM usage", [], |r| r.get(0))?;
     let through_id = through.unwrap_or(0);
     if through.is_some() && last <= through_id {
         return tx.commit();
+    }
+    if through.is_none() {
+        // No watermark: whatever a rollup holds is not known to match; redo it.
+        tx.execute_batch("DELETE FROM usage_minute; DELETE FROM usage_hour;")?;
     }
     let mut rows = 0i64;
     if last > through_id {
@@ -374,7 +398,7 @@ fn catch_up_rollup(conn: &mut Connection) -> rusqlite::Result<()> {
             let mut it = query.query([through_id])?;
             while let Some(r) = it.next()? {
                 let g = MinuteGroup {
-                    minute: r.get(0)?,
+                    bucket: r.get(0)?,
                     tenant: r.get(1)?,
                     api_key: r.get(2)?,
                     backend: r.get(3)?,
@@ -387,11 +411,11 @@ fn catch_up_rollup(conn: &mut Connection) -> rusqlite::Result<()> {
                 groups.push(g);
             }
         }
-        add_to_rollup(&tx, groups.iter().map(MinuteGroup::as_ref))?;
+        add_to_rollups(&tx, groups.iter().map(MinuteGroup::as_ref))?;
     }
-    tx.execute("DELETE FROM usage_minute_state", [])?;
+    tx.execute("DELETE FROM usage_rollup_state", [])?;
     tx.execute(
-        "INSERT INTO usage_minute_state (through_id) VALUES (?1)",
+        "INSERT INTO usage_rollup_state (through_id) VALUES (?1)",
         [last],
     )?;
     tx.commit()?;
@@ -399,7 +423,7 @@ fn catch_up_rollup(conn: &mut Connection) -> rusqlite::Result<()> {
         tracing::info!(
             rows,
             took_ms = started.elapsed().as_millis() as u64,
-            "ledger: usage rows rolled up per minute (once, for rows written without the rollup)"
+            "ledger: usage rows rolled up per minute and hour (once, for rows written without the rollup)"
         );
     }
     Ok(())
@@ -407,7 +431,7 @@ fn catch_up_rollup(conn: &mut Connection) -> rusqlite::Result<()> {
 
 /// One rollup increment: the rows of one tenant, key, backend and minute.
 struct MinuteGroup {
-    minute: i64,
+    bucket: i64,
     tenant: String,
     api_key: Option<String>,
     backend: String,
@@ -419,7 +443,8 @@ struct MinuteGroup {
 
 #[derive(Clone, Copy)]
 struct GroupRef<'a> {
-    minute: i64,
+    /// The minute or hour, per [`Level`].
+    bucket: i64,
     tenant: &'a str,
     api_key: Option<&'a str>,
     backend: &'a str,
@@ -432,7 +457,7 @@ struct GroupRef<'a> {
 impl MinuteGroup {
     fn as_ref(&self) -> GroupRef<'_> {
         GroupRef {
-            minute: self.minute,
+            bucket: self.bucket,
             tenant: &self.tenant,
             api_key: self.api_key.as_deref(),
             backend: &self.backend,
@@ -444,26 +469,72 @@ impl MinuteGroup {
     }
 }
 
-fn add_to_rollup<'a>(
+/// Adds per-minute sums to the minute rollup and, summed per hour, to the
+/// hour rollup.
+fn add_to_rollups<'a>(
     tx: &rusqlite::Transaction<'_>,
-    groups: impl IntoIterator<Item = GroupRef<'a>>,
+    minutes: impl IntoIterator<Item = GroupRef<'a>>,
 ) -> rusqlite::Result<()> {
-    let mut update = tx.prepare_cached(ROLLUP_UPDATE)?;
-    let mut insert = tx.prepare_cached(ROLLUP_INSERT)?;
-    for g in groups {
-        let values = params![
-            g.minute,
-            g.tenant,
-            g.api_key,
-            g.backend,
-            g.requests,
-            g.tokens,
-            g.cost_micros,
-            g.last_started_ns,
-        ];
-        if update.execute(values)? == 0 {
-            insert.execute(values)?;
-        }
+    let per_hour = HOURS.ns / MINUTES.ns;
+    let mut hours: std::collections::HashMap<(i64, &str, Option<&str>, &str), GroupRef<'_>> =
+        std::collections::HashMap::new();
+    let mut update = tx.prepare_cached(&rollup_update(MINUTES))?;
+    let mut insert = tx.prepare_cached(&rollup_insert(MINUTES))?;
+    for g in minutes {
+        add_one(&mut update, &mut insert, &g)?;
+        let hour = g.bucket.div_euclid(per_hour);
+        hours
+            .entry((hour, g.tenant, g.api_key, g.backend))
+            .and_modify(|h| {
+                h.requests = h.requests.saturating_add(g.requests);
+                h.tokens = h.tokens.saturating_add(g.tokens);
+                h.cost_micros = h.cost_micros.saturating_add(g.cost_micros);
+                h.last_started_ns = h.last_started_ns.max(g.last_started_ns);
+            })
+            .or_insert(GroupRef { bucket: hour, ..g });
+    }
+    let mut update = tx.prepare_cached(&rollup_update(HOURS))?;
+    let mut insert = tx.prepare_cached(&rollup_insert(HOURS))?;
+    for g in hours.values() {
+        add_one(&mut update, &mut insert, g)?;
+    }
+    Ok(())
+}
+
+fn rollup_update(level: Level) -> String {
+    let Level { table, column, .. } = level;
+    format!(
+        "UPDATE {table} SET requests = requests + ?5, tokens = tokens + ?6,
+            cost_micros = cost_micros + ?7, last_started_ns = MAX(last_started_ns, ?8)
+         WHERE {column} = ?1 AND tenant = ?2 AND backend = ?4 AND api_key IS ?3"
+    )
+}
+
+fn rollup_insert(level: Level) -> String {
+    let Level { table, column, .. } = level;
+    format!(
+        "INSERT INTO {table} ({column}, tenant, api_key, backend, requests, tokens,
+            cost_micros, last_started_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    )
+}
+
+fn add_one(
+    update: &mut rusqlite::CachedStatement<'_>,
+    insert: &mut rusqlite::CachedStatement<'_>,
+    g: &GroupRef<'_>,
+) -> rusqlite::Result<()> {
+    let values = params![
+        g.bucket,
+        g.tenant,
+        g.api_key,
+        g.backend,
+        g.requests,
+        g.tokens,
+        g.cost_micros,
+        g.last_started_ns,
+    ];
+    if update.execute(values)? == 0 {
+        insert.execute(values)?;
     }
     Ok(())
 }
@@ -574,12 +645,12 @@ fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result
         std::collections::HashMap::new();
     for r in batch {
         let started = nanos(r.started);
-        let minute = minute_of(started);
+        let minute = started.div_euclid(MINUTES.ns);
         let tokens = int(r.usage.prompt_tokens).saturating_add(int(r.usage.completion_tokens));
         let cost = int(r.usage.cost_micros);
         let key = (minute, &*r.tenant, r.api_key.as_deref(), &*r.backend);
         let g = groups.entry(key).or_insert(GroupRef {
-            minute,
+            bucket: minute,
             tenant: &r.tenant,
             api_key: r.api_key.as_deref(),
             backend: &r.backend,
@@ -593,8 +664,8 @@ fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result
         g.cost_micros = g.cost_micros.saturating_add(cost);
         g.last_started_ns = g.last_started_ns.max(started);
     }
-    add_to_rollup(&tx, groups.into_values())?;
-    tx.prepare_cached("UPDATE usage_minute_state SET through_id = ?1")?
+    add_to_rollups(&tx, groups.into_values())?;
+    tx.prepare_cached("UPDATE usage_rollup_state SET through_id = ?1")?
         .execute([last_id])?;
     tx.commit()
 }
@@ -635,8 +706,8 @@ pub fn rebuild(path: &Path, budget: &Budget, now: Timestamp) -> anyhow::Result<u
 /// Whether `usage_minute` sums every `usage` row.
 fn rollup_is_current(conn: &Connection) -> rusqlite::Result<bool> {
     let exists: bool = conn.query_row(
-        "SELECT COUNT(*) = 2 FROM sqlite_master
-         WHERE type = 'table' AND name IN ('usage_minute', 'usage_minute_state')",
+        "SELECT COUNT(*) = 3 FROM sqlite_master
+         WHERE type = 'table' AND name IN ('usage_minute', 'usage_hour', 'usage_rollup_state')",
         [],
         |r| r.get(0),
     )?;
@@ -644,7 +715,7 @@ fn rollup_is_current(conn: &Connection) -> rusqlite::Result<bool> {
         return Ok(false);
     }
     conn.query_row(
-        "SELECT (SELECT MAX(through_id) FROM usage_minute_state)
+        "SELECT (SELECT MAX(through_id) FROM usage_rollup_state)
                 >= (SELECT IFNULL(MAX(id), 0) FROM usage)",
         [],
         |r| r.get::<_, Option<bool>>(0).map(|b| b.unwrap_or(false)),
@@ -731,11 +802,42 @@ impl Groups {
     }
 }
 
-/// The history [`Budget::restore`] needs, from the rollup for every minute
-/// that lies whole within one grain and calendar segment of the plan, and
-/// from raw rows for the rest: the last minute before `rows_from` on, and the
-/// minute around any other cut that is not minute-aligned. Equal to
-/// [`history_per_row`] as a multiset.
+/// Where one part of the history is read from.
+enum Piece {
+    /// Buckets `[from, to)` of a rollup.
+    Rollup(Level, i64, i64),
+    /// Rows started in `[from, to)` (no end: all later ones).
+    Rows(i64, Option<i64>),
+}
+
+/// Splits `[lo, hi)`, which lies within one calendar segment and grain of
+/// the plan, into whole buckets of `levels[0]`, then of the finer levels for
+/// the ends, then raw rows for what no bucket covers whole.
+fn cover(levels: &[Level], lo: i64, hi: i64, out: &mut Vec<Piece>) {
+    if lo >= hi {
+        return;
+    }
+    let Some((&level, finer)) = levels.split_first() else {
+        out.push(Piece::Rows(lo, Some(hi)));
+        return;
+    };
+    let first = lo.div_euclid(level.ns) + i64::from(lo.rem_euclid(level.ns) != 0);
+    let last = hi.div_euclid(level.ns);
+    if first >= last {
+        return cover(finer, lo, hi, out);
+    }
+    cover(finer, lo, first.saturating_mul(level.ns), out);
+    out.push(Piece::Rollup(level, first, last));
+    cover(finer, last.saturating_mul(level.ns), hi, out);
+}
+
+/// The history [`Budget::restore`] needs, read from the rollups wherever a
+/// bucket lies whole within one grain and calendar segment of the plan:
+/// hours (else minutes) before `minutes_from`, minutes up to `rows_from`,
+/// raw rows after it and at cuts that split a minute. Equal to
+/// [`history_per_row`] as a multiset; it reads at most a few hundred rows
+/// per key, backend and hour of the period (the last day per minute), not
+/// one per request.
 fn history_from_rollup(
     conn: &Connection,
     plan: &RestorePlan,
@@ -747,62 +849,59 @@ fn history_from_rollup(
         nanos(plan.minutes_from),
         nanos(plan.rows_from),
     ];
-    // Raw rows from the minute holding `rows_from` on.
-    let raw_from = minute_of(bounds[3]);
-    // Minutes a cut falls strictly inside: raw too.
-    let mut cut: Vec<i64> = [since, bounds[0], bounds[1], bounds[2]]
+    let (minutes_from, rows_from) = (bounds[2], bounds[3]);
+    // Every cut from `since` to `rows_from` (both included); between two,
+    // the grain and calendar segment are fixed.
+    let mut cuts: Vec<i64> = [since, bounds[0], bounds[1], minutes_from, rows_from]
         .into_iter()
-        .filter(|c| c.rem_euclid(MINUTE_NS) != 0)
-        .map(minute_of)
-        .filter(|m| *m < raw_from)
+        .filter(|c| (since..=rows_from).contains(c))
         .collect();
-    cut.sort_unstable();
-    cut.dedup();
-    let first = minute_of(since) + i64::from(since.rem_euclid(MINUTE_NS) != 0);
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut pieces = Vec::new();
+    for w in cuts.windows(2) {
+        let levels: &[Level] = if w[1] <= minutes_from {
+            &[HOURS, MINUTES]
+        } else {
+            &[MINUTES]
+        };
+        cover(levels, w[0], w[1], &mut pieces);
+    }
+    pieces.push(Piece::Rows(rows_from.max(since), None));
+
     let mut groups = Groups::default();
-
-    // Summed here rather than by a GROUP BY: SQLite would sort every minute.
-    let mut rollup = conn.prepare(&format!(
-        "SELECT tenant, api_key, backend, requests, tokens, cost_micros, last_started_ns, {}
-         FROM usage_minute
-         WHERE minute >= ?5 AND minute < ?6 AND minute NOT IN (?7, ?8, ?9, ?10)",
-        group_terms("minute * 60000000000", "minute", "0")
-    ))?;
-    let mut excluded = [i64::MIN; 4];
-    excluded[..cut.len()].copy_from_slice(&cut);
-    groups.read(
-        &mut rollup,
-        params![
-            bounds[0],
-            bounds[1],
-            bounds[2],
-            bounds[3],
-            first,
-            raw_from,
-            excluded[0],
-            excluded[1],
-            excluded[2],
-            excluded[3],
-        ],
-    )?;
-
-    let mut raw = conn.prepare(&format!(
-        "SELECT tenant, api_key, backend, COUNT(*), SUM(prompt_tokens + completion_tokens),
-                SUM(cost_micros), MAX(started_ns), {}
-         FROM usage
-         WHERE started_ns >= ?5 AND started_ns >= ?6 AND (?7 IS NULL OR started_ns < ?7)
-         GROUP BY tenant, api_key, backend, cal, grain, sub",
-        group_terms("started_ns", MINUTE_OF_STARTED, "id")
-    ))?;
-    let ranges = cut
-        .iter()
-        .map(|m| (m * MINUTE_NS, Some((m + 1) * MINUTE_NS)))
-        .chain([(raw_from.saturating_mul(MINUTE_NS), None)]);
-    for (lo, hi) in ranges {
-        groups.read(
-            &mut raw,
-            params![bounds[0], bounds[1], bounds[2], bounds[3], since, lo, hi],
-        )?;
+    for piece in pieces {
+        match piece {
+            // Summed here rather than by a GROUP BY: SQLite would sort them.
+            Piece::Rollup(level, from, to) => {
+                let Level { table, column, ns } = level;
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT tenant, api_key, backend, requests, tokens, cost_micros,
+                            last_started_ns, {}
+                     FROM {table} WHERE {column} >= ?5 AND {column} < ?6",
+                    group_terms(&format!("{column} * {ns}"), column, "0")
+                ))?;
+                groups.read(
+                    &mut stmt,
+                    params![bounds[0], bounds[1], bounds[2], bounds[3], from, to],
+                )?;
+            }
+            Piece::Rows(from, to) => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT tenant, api_key, backend, COUNT(*),
+                            SUM(prompt_tokens + completion_tokens), SUM(cost_micros),
+                            MAX(started_ns), {}
+                     FROM usage
+                     WHERE started_ns >= ?5 AND (?6 IS NULL OR started_ns < ?6)
+                     GROUP BY tenant, api_key, backend, cal, grain, sub",
+                    group_terms("started_ns", MINUTE_OF_STARTED, "id")
+                ))?;
+                groups.read(
+                    &mut stmt,
+                    params![bounds[0], bounds[1], bounds[2], bounds[3], from, to],
+                )?;
+            }
+        }
     }
     Ok(groups.finish())
 }

@@ -608,7 +608,14 @@ fn random_history(rng: &mut Rng, plan: &RestorePlan, now: Timestamp, n: usize) -
 
 #[test]
 fn rebuild_from_the_rollup_equals_the_per_row_rebuild() {
-    let cfg: BudgetConfig = toml::from_str(ROLLUP_BUDGET).unwrap();
+    // Berlin (DST) and Kathmandu, whose days start at :15 UTC, inside an hour.
+    for zone in ["Europe/Berlin", "Asia/Kathmandu"] {
+        rollup_equals_per_row_in(zone);
+    }
+}
+
+fn rollup_equals_per_row_in(zone: &str) {
+    let cfg: BudgetConfig = toml::from_str(&ROLLUP_BUDGET.replace("Europe/Berlin", zone)).unwrap();
     // Instants off the minute grid (so `minutes_from` and `rows_from` cut
     // minutes), just after month and day starts in Berlin, and on the DST
     // days (23 and 25 hours) where the rolling day and the calendar day part.
@@ -620,6 +627,7 @@ fn rebuild_from_the_rollup_equals_the_per_row_rebuild() {
         "2026-10-31T23:00:30Z",        // November 1st, after the switch back
         "2026-03-29T21:45:09.000001Z", // the 23-hour day
         "2026-03-31T22:01:00Z",        // April 1st, minute-aligned
+        "2026-05-31T18:15:40Z",        // June 1st in Kathmandu
     ];
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     for now in nows.map(t) {
@@ -637,7 +645,7 @@ fn rebuild_from_the_rollup_equals_the_per_row_rebuild() {
         ledger.close().unwrap();
 
         let (rolled, per_row) = both_histories(&dir.db(), &plan);
-        assert_eq!(rolled, per_row, "history at {now}");
+        assert_eq!(rolled, per_row, "history at {now} in {zone}");
         // And the restored budgets agree on every limit.
         let (fast, slow) = (
             Budget::new(&cfg, now).unwrap(),
@@ -645,7 +653,11 @@ fn rebuild_from_the_rollup_equals_the_per_row_rebuild() {
         );
         let rows = rebuild(&dir.db(), &fast, now).unwrap();
         slow.restore(per_row, now);
-        assert_eq!(fast.status(now), slow.status(now), "budget at {now}");
+        assert_eq!(
+            fast.status(now),
+            slow.status(now),
+            "budget at {now} in {zone}"
+        );
         assert!(rows > 0 && fast.status(now).iter().all(|s| s.used > 0));
     }
 }
@@ -665,8 +677,10 @@ fn a_ledger_from_before_the_rollup_is_backfilled_on_open() {
     ledger.close().unwrap();
     // What an older kedge left: the rows without the rollup.
     let old = Connection::open(dir.db()).unwrap();
-    old.execute_batch("DROP TABLE usage_minute; DROP TABLE usage_minute_state;")
-        .unwrap();
+    old.execute_batch(
+        "DROP TABLE usage_minute; DROP TABLE usage_hour; DROP TABLE usage_rollup_state;",
+    )
+    .unwrap();
     drop(old);
     let per_row = {
         let conn = open_reader(&dir.db()).unwrap();
@@ -716,13 +730,21 @@ fn a_ledger_from_before_the_rollup_is_backfilled_on_open() {
     assert_eq!(rolled_up(&dir.db()), (2000 + 2000 / 3, 2000 + 2000 / 3));
 }
 
-/// The requests the rollup sums, and the rows in `usage`.
+/// The requests the rollups sum (the same per minute and per hour), and the
+/// rows in `usage`.
 fn rolled_up(path: &Path) -> (u64, u64) {
     let conn = open_reader(path).unwrap();
-    let summed: i64 = conn
-        .query_row("SELECT SUM(requests) FROM usage_minute", [], |r| r.get(0))
-        .unwrap();
-    (summed as u64, count(path))
+    let sum = |table: &str| {
+        conn.query_row(
+            &format!("SELECT IFNULL(SUM(requests), 0) FROM {table}"),
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
+    };
+    let (minutes, hours) = (sum("usage_minute"), sum("usage_hour"));
+    assert_eq!(minutes, hours, "the minute and hour rollups agree");
+    (minutes, count(path))
 }
 
 /// The start-up cost with a month of traffic, row by row and from the rollup.
@@ -775,7 +797,11 @@ fn rebuild_timing_with_a_month_of_rows() {
     println!("wrote {n} rows in {:?}", started.elapsed());
     let rollup_rows: i64 = open_reader(&dir.db())
         .unwrap()
-        .query_row("SELECT COUNT(*) FROM usage_minute", [], |r| r.get(0))
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM usage_minute) + (SELECT COUNT(*) FROM usage_hour)",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
 
     let plan = Budget::new(&cfg, now).unwrap().restore_plan(now);
@@ -801,8 +827,10 @@ fn rebuild_timing_with_a_month_of_rows() {
     let full = s.elapsed();
     // Opening a ledger from before the rollup backfills it once.
     let rw = Connection::open(dir.db()).unwrap();
-    rw.execute_batch("DROP TABLE usage_minute; DROP TABLE usage_minute_state;")
-        .unwrap();
+    rw.execute_batch(
+        "DROP TABLE usage_minute; DROP TABLE usage_hour; DROP TABLE usage_rollup_state;",
+    )
+    .unwrap();
     drop(rw);
     let s = Instant::now();
     drop(open_writer(&dir.db()).unwrap());
