@@ -365,8 +365,8 @@ fn open_writer(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
-/// Creates the rollup if missing and sums into it the `usage` rows it does not
-/// cover yet (all of them for a ledger from before the rollup), in one
+/// Creates the rollups if missing and sums into them the `usage` rows they do
+/// not cover yet (all of them for a ledger from before the rollups), in one
 /// transaction: an interrupted backfill leaves nothing behind and reruns.
 fn catch_up_rollup(conn: &mut Connection) -> rusqlite::Result<()> {
     let started = Instant::now();
@@ -680,9 +680,10 @@ fn open_reader(path: &Path) -> anyhow::Result<Connection> {
 /// Feeds the current windows of `budget` from the ledger at `path` (call on
 /// start, after [`Ledger::open`], before serving). Returns the rows read back.
 ///
-/// Reads the minute rollup for whole minutes and raw rows only where a minute
-/// is not whole for the plan; a ledger without an up-to-date rollup (never
-/// opened by this version) is read row by row, with the same result.
+/// Reads the hour and minute rollups for whole buckets and raw rows only
+/// where no bucket is whole for the plan; a ledger without up-to-date
+/// rollups (not opened by this version since) is read row by row, with the
+/// same result.
 pub fn rebuild(path: &Path, budget: &Budget, now: Timestamp) -> anyhow::Result<u64> {
     let plan = budget.restore_plan(now);
     let mut conn = open_reader(path)?;
@@ -693,7 +694,7 @@ pub fn rebuild(path: &Path, budget: &Budget, now: Timestamp) -> anyhow::Result<u
     } else {
         tracing::warn!(
             ledger = %path.display(),
-            "the ledger's minute rollup is missing or behind; rebuilding row by row"
+            "the ledger's rollups are missing or behind; rebuilding row by row"
         );
         history_per_row(&tx, &plan)
     }
@@ -703,7 +704,7 @@ pub fn rebuild(path: &Path, budget: &Budget, now: Timestamp) -> anyhow::Result<u
     Ok(rows)
 }
 
-/// Whether `usage_minute` sums every `usage` row.
+/// Whether the rollups sum every `usage` row.
 fn rollup_is_current(conn: &Connection) -> rusqlite::Result<bool> {
     let exists: bool = conn.query_row(
         "SELECT COUNT(*) = 3 FROM sqlite_master
