@@ -20,6 +20,20 @@
 //! at once and waits; `close` (and `Drop`) flush before the thread ends. A
 //! failed write (disk full, …) is logged, kept and retried every window.
 //!
+//! # Rollups
+//!
+//! Next to the `usage` rows the writer keeps `usage_minute` and `usage_hour`:
+//! one row per tenant, API key, backend and Unix minute (hour) with the
+//! requests, tokens, cost and latest start, updated in the same transaction
+//! as the rows they sum, so a crash leaves all three consistent. [`rebuild`]
+//! reads hours, minutes where the plan's grain or a calendar cut needs them,
+//! and raw rows only for the last minute (and a minute a cut splits): its
+//! cost follows the month's hours and keys, not its requests, and the result
+//! is the one a GROUP BY over every row gives. `usage_rollup_state` holds the
+//! last `usage` id summed: a ledger from before the rollups (or rows written
+//! by an older kedge) is rolled up once on open. `kedge usage` still reads
+//! `usage`.
+//!
 //! SQLite is built from source (`rusqlite`'s `bundled`): a few seconds of C
 //! compile once buys the same SQLite on every host and CI without a system
 //! library or header to install.
@@ -42,7 +56,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::budget::{Budget, BudgetConfigError, RestoredUsage, Usage, format_dollars};
+use crate::budget::{Budget, BudgetConfigError, RestorePlan, RestoredUsage, Usage, format_dollars};
 
 /// `[budget.ledger]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -139,6 +153,61 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_started ON usage (started_ns);
 ";
+
+/// The rollups and their watermark: the same sums per minute and per hour.
+/// `api_key` is nullable like in `usage`, so the key is not a UNIQUE
+/// constraint (SQLite treats NULLs as distinct): the single writer updates,
+/// or inserts when nothing matched.
+const ROLLUP_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS usage_minute (
+    minute          INTEGER NOT NULL,  -- Unix time in minutes, floored
+    tenant          TEXT    NOT NULL,
+    api_key         TEXT,
+    backend         TEXT    NOT NULL,
+    requests        INTEGER NOT NULL,
+    tokens          INTEGER NOT NULL,  -- prompt + completion
+    cost_micros     INTEGER NOT NULL,
+    last_started_ns INTEGER NOT NULL   -- the latest started_ns summed
+);
+CREATE INDEX IF NOT EXISTS usage_minute_key ON usage_minute (minute, tenant, backend, api_key);
+CREATE TABLE IF NOT EXISTS usage_hour (
+    hour            INTEGER NOT NULL,  -- Unix time in hours, floored
+    tenant          TEXT    NOT NULL,
+    api_key         TEXT,
+    backend         TEXT    NOT NULL,
+    requests        INTEGER NOT NULL,
+    tokens          INTEGER NOT NULL,
+    cost_micros     INTEGER NOT NULL,
+    last_started_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_hour_key ON usage_hour (hour, tenant, backend, api_key);
+CREATE TABLE IF NOT EXISTS usage_rollup_state (
+    through_id INTEGER NOT NULL        -- every usage row with id <= this is summed
+);
+";
+
+/// One rollup table: its name, its bucket column and the bucket's length.
+#[derive(Clone, Copy)]
+struct Level {
+    table: &'static str,
+    column: &'static str,
+    ns: i64,
+}
+
+const MINUTES: Level = Level {
+    table: "usage_minute",
+    column: "minute",
+    ns: 60_000_000_000,
+};
+
+const HOURS: Level = Level {
+    table: "usage_hour",
+    column: "hour",
+    ns: 3_600_000_000_000,
+};
+
+/// `started_ns`'s Unix minute, floored (SQLite's `/` truncates toward zero).
+const MINUTE_OF_STARTED: &str = "(started_ns / 60000000000 - (started_ns % 60000000000 < 0))";
 
 const INSERT: &str = "INSERT INTO usage (request_id, tenant, api_key, route, backend, model,
     prompt_tokens, completion_tokens, cached_tokens, cost_micros, started_ns, finished_ns)
@@ -284,14 +353,190 @@ fn open_writer(path: &Path) -> anyhow::Result<Connection> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the ledger directory {}", dir.display()))?;
     }
-    let conn = Connection::open(path)
+    let mut conn = Connection::open(path)
         .with_context(|| format!("cannot open the ledger {}", path.display()))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)
         .with_context(|| format!("cannot create the ledger schema in {}", path.display()))?;
+    catch_up_rollup(&mut conn)
+        .with_context(|| format!("cannot roll up the ledger {}", path.display()))?;
     Ok(conn)
+}
+
+/// Creates the rollups if missing and sums into them the `usage` rows they do
+/// not cover yet (all of them for a ledger from before the rollups), in one
+/// transaction: an interrupted backfill leaves nothing behind and reruns.
+fn catch_up_rollup(conn: &mut Connection) -> rusqlite::Result<()> {
+    let started = Instant::now();
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch(ROLLUP_SCHEMA)?;
+    let through: Option<i64> =
+        tx.query_row("SELECT MAX(through_id) FROM usage_rollup_state", [], |r| {
+            r.get(0)
+        })?;
+    let last: i64 = tx.query_row("SELECT IFNULL(MAX(id), 0) FROM usage", [], |r| r.get(0))?;
+    let through_id = through.unwrap_or(0);
+    if through.is_some() && last <= through_id {
+        return tx.commit();
+    }
+    if through.is_none() {
+        // No watermark: whatever a rollup holds is not known to match; redo it.
+        tx.execute_batch("DELETE FROM usage_minute; DELETE FROM usage_hour;")?;
+    }
+    let mut rows = 0i64;
+    if last > through_id {
+        let mut groups = Vec::new();
+        {
+            let mut query = tx.prepare(&format!(
+                "SELECT {MINUTE_OF_STARTED}, tenant, api_key, backend, COUNT(*),
+                        SUM(prompt_tokens + completion_tokens), SUM(cost_micros), MAX(started_ns)
+                 FROM usage WHERE id > ?1
+                 GROUP BY 1, tenant, api_key, backend"
+            ))?;
+            let mut it = query.query([through_id])?;
+            while let Some(r) = it.next()? {
+                let g = MinuteGroup {
+                    bucket: r.get(0)?,
+                    tenant: r.get(1)?,
+                    api_key: r.get(2)?,
+                    backend: r.get(3)?,
+                    requests: r.get(4)?,
+                    tokens: r.get(5)?,
+                    cost_micros: r.get(6)?,
+                    last_started_ns: r.get(7)?,
+                };
+                rows += g.requests;
+                groups.push(g);
+            }
+        }
+        add_to_rollups(&tx, groups.iter().map(MinuteGroup::as_ref))?;
+    }
+    tx.execute("DELETE FROM usage_rollup_state", [])?;
+    tx.execute(
+        "INSERT INTO usage_rollup_state (through_id) VALUES (?1)",
+        [last],
+    )?;
+    tx.commit()?;
+    if rows > 0 {
+        tracing::info!(
+            rows,
+            took_ms = started.elapsed().as_millis() as u64,
+            "ledger: usage rows rolled up per minute and hour (once, for rows written without the rollup)"
+        );
+    }
+    Ok(())
+}
+
+/// One rollup increment: the rows of one tenant, key, backend and minute.
+struct MinuteGroup {
+    bucket: i64,
+    tenant: String,
+    api_key: Option<String>,
+    backend: String,
+    requests: i64,
+    tokens: i64,
+    cost_micros: i64,
+    last_started_ns: i64,
+}
+
+#[derive(Clone, Copy)]
+struct GroupRef<'a> {
+    /// The minute or hour, per [`Level`].
+    bucket: i64,
+    tenant: &'a str,
+    api_key: Option<&'a str>,
+    backend: &'a str,
+    requests: i64,
+    tokens: i64,
+    cost_micros: i64,
+    last_started_ns: i64,
+}
+
+impl MinuteGroup {
+    fn as_ref(&self) -> GroupRef<'_> {
+        GroupRef {
+            bucket: self.bucket,
+            tenant: &self.tenant,
+            api_key: self.api_key.as_deref(),
+            backend: &self.backend,
+            requests: self.requests,
+            tokens: self.tokens,
+            cost_micros: self.cost_micros,
+            last_started_ns: self.last_started_ns,
+        }
+    }
+}
+
+/// Adds per-minute sums to the minute rollup and, summed per hour, to the
+/// hour rollup.
+fn add_to_rollups<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    minutes: impl IntoIterator<Item = GroupRef<'a>>,
+) -> rusqlite::Result<()> {
+    let per_hour = HOURS.ns / MINUTES.ns;
+    let mut hours: std::collections::HashMap<(i64, &str, Option<&str>, &str), GroupRef<'_>> =
+        std::collections::HashMap::new();
+    let mut update = tx.prepare_cached(&rollup_update(MINUTES))?;
+    let mut insert = tx.prepare_cached(&rollup_insert(MINUTES))?;
+    for g in minutes {
+        add_one(&mut update, &mut insert, &g)?;
+        let hour = g.bucket.div_euclid(per_hour);
+        hours
+            .entry((hour, g.tenant, g.api_key, g.backend))
+            .and_modify(|h| {
+                h.requests = h.requests.saturating_add(g.requests);
+                h.tokens = h.tokens.saturating_add(g.tokens);
+                h.cost_micros = h.cost_micros.saturating_add(g.cost_micros);
+                h.last_started_ns = h.last_started_ns.max(g.last_started_ns);
+            })
+            .or_insert(GroupRef { bucket: hour, ..g });
+    }
+    let mut update = tx.prepare_cached(&rollup_update(HOURS))?;
+    let mut insert = tx.prepare_cached(&rollup_insert(HOURS))?;
+    for g in hours.values() {
+        add_one(&mut update, &mut insert, g)?;
+    }
+    Ok(())
+}
+
+fn rollup_update(level: Level) -> String {
+    let Level { table, column, .. } = level;
+    format!(
+        "UPDATE {table} SET requests = requests + ?5, tokens = tokens + ?6,
+            cost_micros = cost_micros + ?7, last_started_ns = MAX(last_started_ns, ?8)
+         WHERE {column} = ?1 AND tenant = ?2 AND backend = ?4 AND api_key IS ?3"
+    )
+}
+
+fn rollup_insert(level: Level) -> String {
+    let Level { table, column, .. } = level;
+    format!(
+        "INSERT INTO {table} ({column}, tenant, api_key, backend, requests, tokens,
+            cost_micros, last_started_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    )
+}
+
+fn add_one(
+    update: &mut rusqlite::CachedStatement<'_>,
+    insert: &mut rusqlite::CachedStatement<'_>,
+    g: &GroupRef<'_>,
+) -> rusqlite::Result<()> {
+    let values = params![
+        g.bucket,
+        g.tenant,
+        g.api_key,
+        g.backend,
+        g.requests,
+        g.tokens,
+        g.cost_micros,
+        g.last_started_ns,
+    ];
+    if update.execute(values)? == 0 {
+        insert.execute(values)?;
+    }
+    Ok(())
 }
 
 fn write_loop(mut conn: Connection, shared: &Shared, window: Duration, counters: &Counters) {
@@ -394,6 +639,34 @@ fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result
             ])?;
         }
     }
+    let last_id = tx.last_insert_rowid();
+    // The batch summed per tenant, key, backend and minute, in this transaction.
+    let mut groups: std::collections::HashMap<(i64, &str, Option<&str>, &str), GroupRef<'_>> =
+        std::collections::HashMap::new();
+    for r in batch {
+        let started = nanos(r.started);
+        let minute = started.div_euclid(MINUTES.ns);
+        let tokens = int(r.usage.prompt_tokens).saturating_add(int(r.usage.completion_tokens));
+        let cost = int(r.usage.cost_micros);
+        let key = (minute, &*r.tenant, r.api_key.as_deref(), &*r.backend);
+        let g = groups.entry(key).or_insert(GroupRef {
+            bucket: minute,
+            tenant: &r.tenant,
+            api_key: r.api_key.as_deref(),
+            backend: &r.backend,
+            requests: 0,
+            tokens: 0,
+            cost_micros: 0,
+            last_started_ns: i64::MIN,
+        });
+        g.requests += 1;
+        g.tokens = g.tokens.saturating_add(tokens);
+        g.cost_micros = g.cost_micros.saturating_add(cost);
+        g.last_started_ns = g.last_started_ns.max(started);
+    }
+    add_to_rollups(&tx, groups.into_values())?;
+    tx.prepare_cached("UPDATE usage_rollup_state SET through_id = ?1")?
+        .execute([last_id])?;
     tx.commit()
 }
 
@@ -406,60 +679,260 @@ fn open_reader(path: &Path) -> anyhow::Result<Connection> {
 
 /// Feeds the current windows of `budget` from the ledger at `path` (call on
 /// start, after [`Ledger::open`], before serving). Returns the rows read back.
+///
+/// Reads the hour and minute rollups for whole buckets and raw rows only
+/// where no bucket is whole for the plan; a ledger without up-to-date
+/// rollups (not opened by this version since) is read row by row, with the
+/// same result.
 pub fn rebuild(path: &Path, budget: &Budget, now: Timestamp) -> anyhow::Result<u64> {
     let plan = budget.restore_plan(now);
-    let conn = open_reader(path)?;
-    // Aggregates never span a calendar boundary (the second group term) nor
-    // mix grains: whole segments before `minutes_from`, minutes before
-    // `rows_from`, single rows after.
-    let mut query = conn.prepare(
-        "SELECT tenant, api_key, backend, COUNT(*), SUM(prompt_tokens + completion_tokens),
-                SUM(cost_micros), MAX(started_ns)
-         FROM usage WHERE started_ns >= ?1
-         GROUP BY tenant, api_key, backend,
-                  (started_ns >= ?2) + (started_ns >= ?3),
-                  (started_ns >= ?4) + (started_ns >= ?5),
-                  CASE WHEN started_ns >= ?5 THEN id
-                       WHEN started_ns >= ?4 THEN started_ns / 60000000000
-                       ELSE 0 END",
-    )?;
-    let mut rows = 0u64;
-    let history = query
-        .query_map(
-            params![
-                nanos(plan.since),
-                nanos(plan.month_start),
-                nanos(plan.day_start),
-                nanos(plan.minutes_from),
-                nanos(plan.rows_from),
-            ],
-            |row| {
-                let count: i64 = row.get(3)?;
-                let at: i64 = row.get(6)?;
-                Ok((
-                    count,
-                    RestoredUsage {
-                        tenant: row.get(0)?,
-                        api_key: row.get(1)?,
-                        backend: row.get(2)?,
-                        at: Timestamp::from_nanosecond(at as i128).unwrap_or(Timestamp::MIN),
-                        requests: count as u64,
-                        tokens: row.get::<_, i64>(4)?.max(0) as u64,
-                        cost_micros: row.get::<_, i64>(5)?.max(0) as u64,
-                    },
-                ))
-            },
-        )?
-        .map(|r| {
-            r.map(|(count, u)| {
-                rows += count as u64;
-                u
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("cannot read the ledger {}", path.display()))?;
+    let mut conn = open_reader(path)?;
+    // One read transaction: the rollup and the rows are one snapshot.
+    let tx = conn.transaction()?;
+    let (history, rows) = if rollup_is_current(&tx)? {
+        history_from_rollup(&tx, &plan)
+    } else {
+        tracing::warn!(
+            ledger = %path.display(),
+            "the ledger's rollups are missing or behind; rebuilding row by row"
+        );
+        history_per_row(&tx, &plan)
+    }
+    .with_context(|| format!("cannot read the ledger {}", path.display()))?;
+    drop(tx);
     budget.restore(history, now);
     Ok(rows)
+}
+
+/// Whether the rollups sum every `usage` row.
+fn rollup_is_current(conn: &Connection) -> rusqlite::Result<bool> {
+    let exists: bool = conn.query_row(
+        "SELECT COUNT(*) = 3 FROM sqlite_master
+         WHERE type = 'table' AND name IN ('usage_minute', 'usage_hour', 'usage_rollup_state')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(false);
+    }
+    conn.query_row(
+        "SELECT (SELECT MAX(through_id) FROM usage_rollup_state)
+                >= (SELECT IFNULL(MAX(id), 0) FROM usage)",
+        [],
+        |r| r.get::<_, Option<bool>>(0).map(|b| b.unwrap_or(false)),
+    )
+}
+
+/// The aggregation rules of [`Budget::restore_plan`] as SQL group terms over
+/// the instant `{t}` (nanoseconds): aggregates never span a calendar boundary
+/// (`cal`) nor mix grains (`grain`): whole segments before `minutes_from`,
+/// minutes before `rows_from`, single rows after (`sub`, where `{minute}` and
+/// `{id}` name the minute and the row). Parameters: ?1 month start, ?2 day
+/// start, ?3 minutes_from, ?4 rows_from.
+fn group_terms(t: &str, minute: &str, id: &str) -> String {
+    format!(
+        "({t} >= ?1) + ({t} >= ?2) AS cal, ({t} >= ?3) + ({t} >= ?4) AS grain,
+         CASE WHEN {t} >= ?4 THEN {id} WHEN {t} >= ?3 THEN {minute} ELSE 0 END AS sub"
+    )
+}
+
+/// The history's aggregates, keyed like the GROUP BY of [`history_per_row`]:
+/// tenant, key and backend (interned, so a row read costs no allocation),
+/// calendar segment, grain and sub-group.
+#[derive(Default)]
+struct Groups {
+    names: std::collections::HashMap<String, u32>,
+    map: std::collections::HashMap<(u32, u32, u32, i64, i64, i64), RestoredUsage>,
+}
+
+impl Groups {
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.names.get(name) {
+            return id;
+        }
+        let id = self.names.len() as u32 + 1;
+        self.names.insert(name.to_owned(), id);
+        id
+    }
+
+    /// Adds every row of `stmt`, whose columns are: tenant, api_key, backend,
+    /// requests, tokens, cost_micros, latest start (ns), cal, grain, sub.
+    fn read(
+        &mut self,
+        stmt: &mut rusqlite::Statement<'_>,
+        params: impl rusqlite::Params,
+    ) -> rusqlite::Result<()> {
+        let mut it = stmt.query(params)?;
+        while let Some(row) = it.next()? {
+            let n = |i| row.get::<_, i64>(i).map(|v| v.max(0) as u64);
+            let tenant = row.get_ref(0)?.as_str()?;
+            let api_key = row.get_ref(1)?.as_str_or_null()?;
+            let backend = row.get_ref(2)?.as_str()?;
+            let key = (
+                self.intern(tenant),
+                api_key.map_or(0, |k| self.intern(k)),
+                self.intern(backend),
+                row.get(7)?,
+                row.get(8)?,
+                row.get(9)?,
+            );
+            let at: i64 = row.get(6)?;
+            let at = Timestamp::from_nanosecond(at as i128).unwrap_or(Timestamp::MIN);
+            let u = self.map.entry(key).or_insert_with(|| RestoredUsage {
+                tenant: tenant.to_owned(),
+                api_key: api_key.map(str::to_owned),
+                backend: backend.to_owned(),
+                at,
+                requests: 0,
+                tokens: 0,
+                cost_micros: 0,
+            });
+            u.at = u.at.max(at);
+            u.requests += n(3)?;
+            u.tokens += n(4)?;
+            u.cost_micros += n(5)?;
+        }
+        Ok(())
+    }
+
+    /// The history, and the ledger rows it sums.
+    fn finish(self) -> (Vec<RestoredUsage>, u64) {
+        let history: Vec<RestoredUsage> = self.map.into_values().collect();
+        let rows = history.iter().map(|u| u.requests).sum();
+        (history, rows)
+    }
+}
+
+/// Where one part of the history is read from.
+enum Piece {
+    /// Buckets `[from, to)` of a rollup.
+    Rollup(Level, i64, i64),
+    /// Rows started in `[from, to)` (no end: all later ones).
+    Rows(i64, Option<i64>),
+}
+
+/// Splits `[lo, hi)`, which lies within one calendar segment and grain of
+/// the plan, into whole buckets of `levels[0]`, then of the finer levels for
+/// the ends, then raw rows for what no bucket covers whole.
+fn cover(levels: &[Level], lo: i64, hi: i64, out: &mut Vec<Piece>) {
+    if lo >= hi {
+        return;
+    }
+    let Some((&level, finer)) = levels.split_first() else {
+        out.push(Piece::Rows(lo, Some(hi)));
+        return;
+    };
+    let first = lo.div_euclid(level.ns) + i64::from(lo.rem_euclid(level.ns) != 0);
+    let last = hi.div_euclid(level.ns);
+    if first >= last {
+        return cover(finer, lo, hi, out);
+    }
+    cover(finer, lo, first.saturating_mul(level.ns), out);
+    out.push(Piece::Rollup(level, first, last));
+    cover(finer, last.saturating_mul(level.ns), hi, out);
+}
+
+/// The history [`Budget::restore`] needs, read from the rollups wherever a
+/// bucket lies whole within one grain and calendar segment of the plan:
+/// hours (else minutes) before `minutes_from`, minutes up to `rows_from`,
+/// raw rows after it and at cuts that split a minute. Equal to
+/// [`history_per_row`] as a multiset; it reads at most a few hundred rows
+/// per key, backend and hour of the period (the last day per minute), not
+/// one per request.
+fn history_from_rollup(
+    conn: &Connection,
+    plan: &RestorePlan,
+) -> rusqlite::Result<(Vec<RestoredUsage>, u64)> {
+    let since = nanos(plan.since);
+    let bounds = [
+        nanos(plan.month_start),
+        nanos(plan.day_start),
+        nanos(plan.minutes_from),
+        nanos(plan.rows_from),
+    ];
+    let (minutes_from, rows_from) = (bounds[2], bounds[3]);
+    // Every cut from `since` to `rows_from` (both included); between two,
+    // the grain and calendar segment are fixed.
+    let mut cuts: Vec<i64> = [since, bounds[0], bounds[1], minutes_from, rows_from]
+        .into_iter()
+        .filter(|c| (since..=rows_from).contains(c))
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut pieces = Vec::new();
+    for w in cuts.windows(2) {
+        let levels: &[Level] = if w[1] <= minutes_from {
+            &[HOURS, MINUTES]
+        } else {
+            &[MINUTES]
+        };
+        cover(levels, w[0], w[1], &mut pieces);
+    }
+    pieces.push(Piece::Rows(rows_from.max(since), None));
+
+    let mut groups = Groups::default();
+    for piece in pieces {
+        match piece {
+            // Summed here rather than by a GROUP BY: SQLite would sort them.
+            Piece::Rollup(level, from, to) => {
+                let Level { table, column, ns } = level;
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT tenant, api_key, backend, requests, tokens, cost_micros,
+                            last_started_ns, {}
+                     FROM {table} WHERE {column} >= ?5 AND {column} < ?6",
+                    group_terms(&format!("{column} * {ns}"), column, "0")
+                ))?;
+                groups.read(
+                    &mut stmt,
+                    params![bounds[0], bounds[1], bounds[2], bounds[3], from, to],
+                )?;
+            }
+            Piece::Rows(from, to) => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT tenant, api_key, backend, COUNT(*),
+                            SUM(prompt_tokens + completion_tokens), SUM(cost_micros),
+                            MAX(started_ns), {}
+                     FROM usage
+                     WHERE started_ns >= ?5 AND (?6 IS NULL OR started_ns < ?6)
+                     GROUP BY tenant, api_key, backend, cal, grain, sub",
+                    group_terms("started_ns", MINUTE_OF_STARTED, "id")
+                ))?;
+                groups.read(
+                    &mut stmt,
+                    params![bounds[0], bounds[1], bounds[2], bounds[3], from, to],
+                )?;
+            }
+        }
+    }
+    Ok(groups.finish())
+}
+
+/// The history straight from the rows: one GROUP BY over every row since
+/// `plan.since` (what [`history_from_rollup`] replaces; its cost grows with
+/// the month's rows).
+fn history_per_row(
+    conn: &Connection,
+    plan: &RestorePlan,
+) -> rusqlite::Result<(Vec<RestoredUsage>, u64)> {
+    let mut query = conn.prepare(&format!(
+        "SELECT tenant, api_key, backend, COUNT(*), SUM(prompt_tokens + completion_tokens),
+                SUM(cost_micros), MAX(started_ns), {}
+         FROM usage WHERE started_ns >= ?5
+         GROUP BY tenant, api_key, backend, cal, grain, sub",
+        group_terms("started_ns", MINUTE_OF_STARTED, "id")
+    ))?;
+    let mut groups = Groups::default();
+    groups.read(
+        &mut query,
+        params![
+            nanos(plan.month_start),
+            nanos(plan.day_start),
+            nanos(plan.minutes_from),
+            nanos(plan.rows_from),
+            nanos(plan.since),
+        ],
+    )?;
+    Ok(groups.finish())
 }
 
 /// Spend of one tenant on one route over a period.

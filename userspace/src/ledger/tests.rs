@@ -418,6 +418,11 @@ fn a_killed_writer_loses_at_most_one_window() {
         .collect();
     let kept = present.len() as u64;
     assert_eq!(
+        rolled_up(&dir.db()),
+        (kept, kept),
+        "the rollup is written in the rows' transaction"
+    );
+    assert_eq!(
         present,
         (0..kept).collect(),
         "rows are kept in order, without holes"
@@ -486,4 +491,353 @@ tokens_per_day = { max = 1000000 }
         .find(|s| s.scope == Scope::Tenant("a".into()))
         .unwrap();
     assert_eq!(day.used, 42, "only today's row counts for today");
+}
+
+/// A small deterministic generator (xorshift64*), so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Every limit shape: per-minute and rolling-day smooth buckets (so the plan
+/// has all three grains), calendar days and months, keys and pools.
+const ROLLUP_BUDGET: &str = r#"
+timezone = "Europe/Berlin"
+[[tenant]]
+name = "a"
+tokens_per_minute = { max = 100000000 }
+tokens_per_day = { max = 100000000000 }
+money_per_month = { max = "100000000" }
+[[tenant.key]]
+id = "bot"
+tokens_per_day = { max = 100000000000 }
+requests_per_minute = { max = 100000000 }
+[[tenant]]
+name = "b"
+tokens_per_month = { max = 100000000000 }
+money_per_day = { max = "100000000" }
+[[pool]]
+backend = "cloud"
+requests_per_minute = { max = 100000000 }
+tokens_per_day = { max = 100000000000 }
+money_per_day = { max = "100000000" }
+[[pool]]
+backend = "local"
+requests_per_day = { max = 100000000 }
+"#;
+
+fn sorted(mut history: Vec<RestoredUsage>) -> Vec<RestoredUsage> {
+    history.sort_by(|x, y| {
+        (
+            x.at, &x.tenant, &x.api_key, &x.backend, x.requests, x.tokens,
+        )
+            .cmp(&(
+                y.at, &y.tenant, &y.api_key, &y.backend, y.requests, y.tokens,
+            ))
+            .then(x.cost_micros.cmp(&y.cost_micros))
+    });
+    history
+}
+
+/// Both histories of the ledger at `path` for `plan`: from the rollup and
+/// row by row.
+fn both_histories(path: &Path, plan: &RestorePlan) -> (Vec<RestoredUsage>, Vec<RestoredUsage>) {
+    let conn = open_reader(path).unwrap();
+    assert!(rollup_is_current(&conn).unwrap());
+    let (rolled, n1) = history_from_rollup(&conn, plan).unwrap();
+    let (per_row, n2) = history_per_row(&conn, plan).unwrap();
+    assert_eq!(n1, n2, "rows read back");
+    (sorted(rolled), sorted(per_row))
+}
+
+/// Random rows around `now`: spread over the 40 days before it, and packed
+/// around every cut of the plan (the month and day starts, `minutes_from`,
+/// `rows_from`, each ± a few nanoseconds to a minute), a few in the future.
+fn random_history(rng: &mut Rng, plan: &RestorePlan, now: Timestamp, n: usize) -> Vec<UsageRecord> {
+    let cuts = [
+        plan.since,
+        plan.month_start,
+        plan.day_start,
+        plan.minutes_from,
+        plan.rows_from,
+        now,
+    ];
+    (0..n)
+        .map(|i| {
+            let started = match rng.below(4) {
+                0 => now - Duration::from_nanos(rng.below(40 * 86_400 * 1_000_000_000)),
+                _ => {
+                    let cut = cuts[rng.below(cuts.len() as u64) as usize];
+                    let spread = [10, 1_000_000_000, 90_000_000_000][rng.below(3) as usize];
+                    let d = Duration::from_nanos(rng.below(spread));
+                    if rng.below(2) == 0 { cut - d } else { cut + d }
+                }
+            };
+            let tenant = ["a", "b", "c"][rng.below(3) as usize];
+            let api_key = [None, Some("bot"), Some("")][rng.below(3) as usize];
+            let backend = ["cloud", "local"][rng.below(2) as usize];
+            UsageRecord {
+                request_id: format!("req-{i}"),
+                tenant: tenant.into(),
+                api_key: api_key.map(str::to_owned),
+                route: "/v1/chat/completions".into(),
+                backend: backend.into(),
+                model: "m".into(),
+                usage: Usage {
+                    prompt_tokens: rng.below(2000),
+                    completion_tokens: rng.below(1000),
+                    cached_tokens: 0,
+                    cost_micros: rng.below(50_000),
+                },
+                started,
+                finished: started + Duration::from_secs(1),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn rebuild_from_the_rollup_equals_the_per_row_rebuild() {
+    // Berlin (DST) and Kathmandu, whose days start at :15 UTC, inside an hour.
+    for zone in ["Europe/Berlin", "Asia/Kathmandu"] {
+        rollup_equals_per_row_in(zone);
+    }
+}
+
+fn rollup_equals_per_row_in(zone: &str) {
+    let cfg: BudgetConfig = toml::from_str(&ROLLUP_BUDGET.replace("Europe/Berlin", zone)).unwrap();
+    // Instants off the minute grid (so `minutes_from` and `rows_from` cut
+    // minutes), just after month and day starts in Berlin, and on the DST
+    // days (23 and 25 hours) where the rolling day and the calendar day part.
+    let nows = [
+        "2026-05-31T22:00:17.25Z", // 00:00:17 on June 1st: a new month and day
+        "2026-06-01T21:59:59.999999999Z",
+        "2026-06-01T22:00:42.5Z",      // 00:00:42 on June 2nd: a new day
+        "2026-10-25T22:30:05.123456Z", // 23:30 on the 25-hour day
+        "2026-10-31T23:00:30Z",        // November 1st, after the switch back
+        "2026-03-29T21:45:09.000001Z", // the 23-hour day
+        "2026-03-31T22:01:00Z",        // April 1st, minute-aligned
+        "2026-05-31T18:15:40Z",        // June 1st in Kathmandu
+    ];
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for now in nows.map(t) {
+        let dir = TempDir::new();
+        let plan = Budget::new(&cfg, now).unwrap().restore_plan(now);
+        let history = random_history(&mut rng, &plan, now, 3000);
+        // Several transactions, so minutes are summed across batches too.
+        let ledger = Ledger::open(&config(dir.db(), 5)).unwrap();
+        for chunk in history.chunks(250) {
+            for r in chunk {
+                ledger.record(r.clone());
+            }
+            ledger.flush().unwrap();
+        }
+        ledger.close().unwrap();
+
+        let (rolled, per_row) = both_histories(&dir.db(), &plan);
+        assert_eq!(rolled, per_row, "history at {now} in {zone}");
+        // And the restored budgets agree on every limit.
+        let (fast, slow) = (
+            Budget::new(&cfg, now).unwrap(),
+            Budget::new(&cfg, now).unwrap(),
+        );
+        let rows = rebuild(&dir.db(), &fast, now).unwrap();
+        slow.restore(per_row, now);
+        assert_eq!(
+            fast.status(now),
+            slow.status(now),
+            "budget at {now} in {zone}"
+        );
+        assert!(rows > 0 && fast.status(now).iter().all(|s| s.used > 0));
+    }
+}
+
+#[test]
+fn a_ledger_from_before_the_rollup_is_backfilled_on_open() {
+    let cfg: BudgetConfig = toml::from_str(ROLLUP_BUDGET).unwrap();
+    let now = t("2026-10-25T22:30:05.5Z");
+    let plan = Budget::new(&cfg, now).unwrap().restore_plan(now);
+    let mut rng = Rng(42);
+    let history = random_history(&mut rng, &plan, now, 2000);
+    let dir = TempDir::new();
+    let ledger = Ledger::open(&config(dir.db(), 5)).unwrap();
+    for r in &history[..1500] {
+        ledger.record(r.clone());
+    }
+    ledger.close().unwrap();
+    // What an older kedge left: the rows without the rollup.
+    let old = Connection::open(dir.db()).unwrap();
+    old.execute_batch(
+        "DROP TABLE usage_minute; DROP TABLE usage_hour; DROP TABLE usage_rollup_state;",
+    )
+    .unwrap();
+    drop(old);
+    let per_row = {
+        let conn = open_reader(&dir.db()).unwrap();
+        assert!(!rollup_is_current(&conn).unwrap());
+        sorted(history_per_row(&conn, &plan).unwrap().0)
+    };
+    // Without a rollup, rebuild reads row by row: same budget.
+    let (b1, b2) = (
+        Budget::new(&cfg, now).unwrap(),
+        Budget::new(&cfg, now).unwrap(),
+    );
+    let rows = rebuild(&dir.db(), &b1, now).unwrap();
+    assert_eq!(rows, per_row.iter().map(|u| u.requests).sum::<u64>());
+    b2.restore(per_row.clone(), now);
+    assert_eq!(b1.status(now), b2.status(now));
+
+    // Opening creates and fills the rollup; new rows add to it.
+    let ledger = Ledger::open(&config(dir.db(), 5)).unwrap();
+    let (rolled, again) = both_histories(&dir.db(), &plan);
+    assert_eq!(rolled, per_row);
+    assert_eq!(again, per_row);
+    for r in &history[1500..] {
+        ledger.record(r.clone());
+    }
+    ledger.close().unwrap();
+    let (rolled, per_row) = both_histories(&dir.db(), &plan);
+    assert_eq!(rolled, per_row);
+    assert_eq!(rolled_up(&dir.db()), (2000, 2000));
+
+    // Rows an older kedge appended to a rolled-up ledger are caught up on
+    // open as well (until then rebuild reads row by row).
+    let old = Connection::open(dir.db()).unwrap();
+    old.execute(
+        "INSERT INTO usage (request_id, tenant, api_key, route, backend, model,
+         prompt_tokens, completion_tokens, cached_tokens, cost_micros, started_ns, finished_ns)
+         SELECT request_id || '-old', tenant, api_key, route, backend, model, prompt_tokens,
+                completion_tokens, cached_tokens, cost_micros, started_ns, finished_ns
+         FROM usage WHERE id % 3 = 0",
+        [],
+    )
+    .unwrap();
+    drop(old);
+    assert!(!rollup_is_current(&open_reader(&dir.db()).unwrap()).unwrap());
+    Ledger::open(&config(dir.db(), 5)).unwrap().close().unwrap();
+    let (rolled, per_row) = both_histories(&dir.db(), &plan);
+    assert_eq!(rolled, per_row);
+    assert_eq!(rolled_up(&dir.db()), (2000 + 2000 / 3, 2000 + 2000 / 3));
+}
+
+/// The requests the rollups sum (the same per minute and per hour), and the
+/// rows in `usage`.
+fn rolled_up(path: &Path) -> (u64, u64) {
+    let conn = open_reader(path).unwrap();
+    let sum = |table: &str| {
+        conn.query_row(
+            &format!("SELECT IFNULL(SUM(requests), 0) FROM {table}"),
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
+    };
+    let (minutes, hours) = (sum("usage_minute"), sum("usage_hour"));
+    assert_eq!(minutes, hours, "the minute and hour rollups agree");
+    (minutes, count(path))
+}
+
+/// The start-up cost with a month of traffic, row by row and from the rollup.
+/// Heavy (millions of rows): run by hand, in release,
+/// `cargo xtask test --release -p kedge --lib -- --ignored --nocapture rebuild_timing`
+/// (`KEDGE_TIMING_ROWS` sets the row count, 3 million by default).
+#[test]
+#[ignore]
+fn rebuild_timing_with_a_month_of_rows() {
+    let n: usize = std::env::var("KEDGE_TIMING_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3_000_000);
+    let cfg: BudgetConfig = toml::from_str(ROLLUP_BUDGET).unwrap();
+    let now = t("2026-11-24T03:00:17.5Z");
+    let month_start = t("2026-10-31T23:00:00Z"); // November 1st in Berlin
+    let span = (now - Duration::from_secs(1)).as_nanosecond() - month_start.as_nanosecond();
+    let dir = TempDir::new();
+    let mut conn = open_writer(&dir.db()).unwrap();
+    let mut rng = Rng(7);
+    let started = Instant::now();
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..n {
+        // In time order, like the gateway writes them, over the month so far.
+        let at = month_start.as_nanosecond() + span * i as i128 / n as i128;
+        let started = Timestamp::from_nanosecond(at).unwrap();
+        batch.push(UsageRecord {
+            request_id: format!("req-{i}"),
+            tenant: ["a", "b", "c"][rng.below(3) as usize].into(),
+            api_key: [None, Some("bot".to_owned())][rng.below(2) as usize].clone(),
+            route: "/v1/chat/completions".into(),
+            backend: ["cloud", "local"][rng.below(2) as usize].into(),
+            model: "m".into(),
+            usage: Usage {
+                prompt_tokens: rng.below(2000),
+                completion_tokens: rng.below(1000),
+                cached_tokens: 0,
+                cost_micros: rng.below(50_000),
+            },
+            started,
+            finished: started + Duration::from_secs(1),
+        });
+        if batch.len() == batch.capacity() {
+            write_batch(&mut conn, &batch).unwrap();
+            batch.clear();
+        }
+    }
+    write_batch(&mut conn, &batch).unwrap();
+    drop(conn);
+    println!("wrote {n} rows in {:?}", started.elapsed());
+    let rollup_rows: i64 = open_reader(&dir.db())
+        .unwrap()
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM usage_minute) + (SELECT COUNT(*) FROM usage_hour)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+
+    let plan = Budget::new(&cfg, now).unwrap().restore_plan(now);
+    let conn = open_reader(&dir.db()).unwrap();
+    let time = |f: &dyn Fn() -> (Vec<RestoredUsage>, u64)| {
+        // Best of three: the page cache is warm in both cases.
+        (0..3)
+            .map(|_| {
+                let s = Instant::now();
+                let out = f();
+                (s.elapsed(), out)
+            })
+            .min_by_key(|(d, _)| *d)
+            .unwrap()
+    };
+    let (slow, (per_row, rows)) = time(&|| history_per_row(&conn, &plan).unwrap());
+    let (fast, (rolled, rows2)) = time(&|| history_from_rollup(&conn, &plan).unwrap());
+    assert_eq!(rows, rows2);
+    assert_eq!(sorted(per_row), sorted(rolled));
+    let budget = Budget::new(&cfg, now).unwrap();
+    let s = Instant::now();
+    rebuild(&dir.db(), &budget, now).unwrap();
+    let full = s.elapsed();
+    // Opening a ledger from before the rollup backfills it once.
+    let rw = Connection::open(dir.db()).unwrap();
+    rw.execute_batch(
+        "DROP TABLE usage_minute; DROP TABLE usage_hour; DROP TABLE usage_rollup_state;",
+    )
+    .unwrap();
+    drop(rw);
+    let s = Instant::now();
+    drop(open_writer(&dir.db()).unwrap());
+    let backfill = s.elapsed();
+    println!(
+        "{rows} rows read back ({rollup_rows} rollup rows): per row {slow:?}, \
+         rollup + raw {fast:?}, rebuild (restore included) {full:?}; \
+         one-time backfill of {n} rows {backfill:?}"
+    );
 }
