@@ -255,12 +255,27 @@ fn serve_upstream(stream: TcpStream, hits: &AtomicUsize) {
     }
 }
 
+/// A port nothing listens on, for a server the test starts next.
+///
+/// Picked below the kernel's ephemeral range (`ip_local_port_range`, 32768 and
+/// up by default), not with `bind(0)`: a port from that range can be taken by
+/// any outgoing connection of a concurrent test (curl, kedge's upstream pool)
+/// between this check and the server's own bind, and was ("address in use").
+/// Within the process a counter keeps tests on different ports; the process id
+/// spreads test binaries apart.
 pub fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let base = std::process::id().wrapping_mul(7919);
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
+        let port = (FIRST + base.wrapping_add(n) % SPAN) as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{} on {ip}", FIRST + SPAN);
 }
 
 /// The real `kedge` binary, run with a config written for the test. On drop it
