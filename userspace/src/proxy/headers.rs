@@ -52,20 +52,23 @@ pub fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// The fixed hop-by-hop headers of RFC 9110 §7.6.1 that `http` names.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Their legacy kin, which `http` has no constants for.
+const LEGACY_HOP_BY_HOP: [&str; 2] = ["keep-alive", "proxy-connection"];
+
 /// The fixed hop-by-hop headers of RFC 9110 §7.6.1 (and their legacy kin).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ]
-    .contains(name)
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    HOP_BY_HOP.contains(name) || LEGACY_HOP_BY_HOP.contains(&name.as_str())
 }
 
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including those the
@@ -74,19 +77,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in connection_named(headers) {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    for name in LEGACY_HOP_BY_HOP {
+        headers.remove(name);
+    }
 }
 
 pub fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
