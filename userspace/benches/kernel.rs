@@ -33,7 +33,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use kedge::kernel::{EdgeMaps, load_unpinned};
+use kedge::kernel::{EdgeMaps, clock_ns, load_unpinned};
 use kedge_common::{
     Bucket, MAX_CLASSES, NetEntry, Reason, SETTINGS_NO_CLASS_CACHE, Settings, SourceKey,
     counter_slot,
@@ -210,7 +210,7 @@ impl Bench {
             ..Default::default()
         };
         let prog = self.ebpf.program(program).context("program")?;
-        let cpu_before = thread_cpu_ns();
+        let cpu_before = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
         let r = if program.starts_with("kedge_tc") {
             let p: &SchedClassifier = prog.try_into()?;
             p.test_run(opts)?
@@ -218,7 +218,7 @@ impl Bench {
             let p: &Xdp = prog.try_into()?;
             p.test_run(opts)?
         };
-        let cpu = thread_cpu_ns() - cpu_before;
+        let cpu = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID) - cpu_before;
         // Every SYN the real program saw must have taken the admitted path,
         // or we would be timing an early drop.
         let admitted = self.admitted()? - admitted_before;
@@ -287,17 +287,6 @@ impl Bench {
         self.class_cache(true)?;
         Ok(samples.into_iter().map(median).collect())
     }
-}
-
-/// This thread's CPU time (CLOCK_THREAD_CPUTIME_ID), in nanoseconds.
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer; the clock always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

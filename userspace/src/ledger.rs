@@ -454,6 +454,27 @@ struct GroupRef<'a> {
     last_started_ns: i64,
 }
 
+impl<'a> GroupRef<'a> {
+    /// Adds `other`, a group with the same bucket, tenant, key and backend.
+    fn absorb(&mut self, other: &GroupRef<'_>) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.tokens = self.tokens.saturating_add(other.tokens);
+        self.cost_micros = self.cost_micros.saturating_add(other.cost_micros);
+        self.last_started_ns = self.last_started_ns.max(other.last_started_ns);
+    }
+}
+
+/// `groups` summed per bucket, tenant, key and backend.
+fn sum_groups<'a>(groups: impl IntoIterator<Item = GroupRef<'a>>) -> Vec<GroupRef<'a>> {
+    let mut sums = std::collections::HashMap::new();
+    for g in groups {
+        sums.entry((g.bucket, g.tenant, g.api_key, g.backend))
+            .and_modify(|s: &mut GroupRef<'a>| s.absorb(&g))
+            .or_insert(g);
+    }
+    sums.into_values().collect()
+}
+
 impl MinuteGroup {
     fn as_ref(&self) -> GroupRef<'_> {
         GroupRef {
@@ -476,27 +497,17 @@ fn add_to_rollups<'a>(
     minutes: impl IntoIterator<Item = GroupRef<'a>>,
 ) -> rusqlite::Result<()> {
     let per_hour = HOURS.ns / MINUTES.ns;
-    let mut hours: std::collections::HashMap<(i64, &str, Option<&str>, &str), GroupRef<'_>> =
-        std::collections::HashMap::new();
-    let mut update = tx.prepare_cached(&rollup_update(MINUTES))?;
-    let mut insert = tx.prepare_cached(&rollup_insert(MINUTES))?;
-    for g in minutes {
-        add_one(&mut update, &mut insert, &g)?;
-        let hour = g.bucket.div_euclid(per_hour);
-        hours
-            .entry((hour, g.tenant, g.api_key, g.backend))
-            .and_modify(|h| {
-                h.requests = h.requests.saturating_add(g.requests);
-                h.tokens = h.tokens.saturating_add(g.tokens);
-                h.cost_micros = h.cost_micros.saturating_add(g.cost_micros);
-                h.last_started_ns = h.last_started_ns.max(g.last_started_ns);
-            })
-            .or_insert(GroupRef { bucket: hour, ..g });
-    }
-    let mut update = tx.prepare_cached(&rollup_update(HOURS))?;
-    let mut insert = tx.prepare_cached(&rollup_insert(HOURS))?;
-    for g in hours.values() {
-        add_one(&mut update, &mut insert, g)?;
+    let minutes: Vec<GroupRef<'a>> = minutes.into_iter().collect();
+    let hours = sum_groups(minutes.iter().map(|g| GroupRef {
+        bucket: g.bucket.div_euclid(per_hour),
+        ..*g
+    }));
+    for (level, groups) in [(MINUTES, &minutes), (HOURS, &hours)] {
+        let mut update = tx.prepare_cached(&rollup_update(level))?;
+        let mut insert = tx.prepare_cached(&rollup_insert(level))?;
+        for g in groups {
+            add_one(&mut update, &mut insert, g)?;
+        }
     }
     Ok(())
 }
@@ -641,30 +652,20 @@ fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result
     }
     let last_id = tx.last_insert_rowid();
     // The batch summed per tenant, key, backend and minute, in this transaction.
-    let mut groups: std::collections::HashMap<(i64, &str, Option<&str>, &str), GroupRef<'_>> =
-        std::collections::HashMap::new();
-    for r in batch {
+    let groups = sum_groups(batch.iter().map(|r| {
         let started = nanos(r.started);
-        let minute = started.div_euclid(MINUTES.ns);
-        let tokens = int(r.usage.prompt_tokens).saturating_add(int(r.usage.completion_tokens));
-        let cost = int(r.usage.cost_micros);
-        let key = (minute, &*r.tenant, r.api_key.as_deref(), &*r.backend);
-        let g = groups.entry(key).or_insert(GroupRef {
-            bucket: minute,
+        GroupRef {
+            bucket: started.div_euclid(MINUTES.ns),
             tenant: &r.tenant,
             api_key: r.api_key.as_deref(),
             backend: &r.backend,
-            requests: 0,
-            tokens: 0,
-            cost_micros: 0,
-            last_started_ns: i64::MIN,
-        });
-        g.requests += 1;
-        g.tokens = g.tokens.saturating_add(tokens);
-        g.cost_micros = g.cost_micros.saturating_add(cost);
-        g.last_started_ns = g.last_started_ns.max(started);
-    }
-    add_to_rollups(&tx, groups.into_values())?;
+            requests: 1,
+            tokens: int(r.usage.prompt_tokens).saturating_add(int(r.usage.completion_tokens)),
+            cost_micros: int(r.usage.cost_micros),
+            last_started_ns: started,
+        }
+    }));
+    add_to_rollups(&tx, groups)?;
     tx.prepare_cached("UPDATE usage_rollup_state SET through_id = ?1")?
         .execute([last_id])?;
     tx.commit()
