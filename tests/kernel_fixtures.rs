@@ -13,14 +13,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap},
+    maps::{Array, Map, MapData},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use kedge::{
     config::{Loaded, parse},
     kernel::{EdgeMaps, load_unpinned},
 };
-use kedge_common::{Bucket, GLOBAL_SLOT, REASONS, Reason, SourceKey, encode_mark};
+use kedge_common::{
+    Bucket, GLOBAL_SLOT, REASONS, Reason, Settings, SourceBucket, SourceKey, encode_mark,
+    source_bucket_slots,
+};
 use support::packet::{
     ACK, DEST_OPTS, FIN, HOP_BY_HOP, MOBILITY, Packet, ROUTING, RST, SYN, TPID_8021AD, TPID_8021Q,
 };
@@ -87,6 +90,10 @@ cidr = "10.3.0.0/16"
 class = "crawler"
 
 [[network]]
+cidr = "10.6.0.0/16"
+class = "crawler"
+
+[[network]]
 cidr = "10.4.0.0/16"
 class = "shared"
 
@@ -141,6 +148,8 @@ struct Fixture {
     mode: Mode,
     ebpf: Ebpf,
     maps: EdgeMaps,
+    /// A second handle on `SETTINGS`, which `maps` owns.
+    settings: Array<MapData, Settings>,
     cfg: Loaded,
     seen: Vec<u64>,
 }
@@ -153,6 +162,14 @@ impl Fixture {
     fn with_config(mode: Mode, config: &str) -> Fixture {
         let cfg = parse(Path::new("fixture.toml"), config).expect("fixture config parses");
         let mut ebpf = load_unpinned(&mut EbpfLoader::new()).expect("object loads");
+        let Map::Array(data) = ebpf.map("SETTINGS").unwrap() else {
+            panic!("SETTINGS is not an array")
+        };
+        let id = data.info().unwrap().id();
+        let settings = Map::from_map_data(MapData::from_id(id).unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
         let mut maps = EdgeMaps::take(&mut ebpf, true).expect("maps");
         maps.sync(&cfg).expect("sync");
         match mode {
@@ -171,6 +188,7 @@ impl Fixture {
             mode,
             ebpf,
             maps,
+            settings,
             cfg,
             seen,
         }
@@ -286,16 +304,45 @@ impl Fixture {
         a.set(class, Bucket { tat_ns }, 0).unwrap();
     }
 
-    fn source_bucket(&mut self, v4: [u8; 4]) -> Option<Bucket> {
-        let m: HashMap<_, SourceKey, Bucket> =
-            HashMap::try_from(self.ebpf.map_mut("SRC_BUCKETS").unwrap()).unwrap();
-        m.get(&mapped(v4), 0).ok()
+    fn settings(&mut self) -> Settings {
+        self.settings.get(&0, 0).unwrap()
     }
 
-    fn set_source_bucket(&mut self, v4: [u8; 4], tat_ns: u64) {
-        let mut m: HashMap<_, SourceKey, Bucket> =
-            HashMap::try_from(self.ebpf.map_mut("SRC_BUCKETS").unwrap()).unwrap();
-        m.insert(mapped(v4), Bucket { tat_ns }, 0).unwrap();
+    /// Writes the keys of the per-source bucket hash (the programs read them live).
+    fn set_source_keys(&mut self, keys: [u64; 4]) {
+        let settings = Settings {
+            source_keys: keys,
+            ..self.settings()
+        };
+        self.settings.set(0, settings, 0).unwrap();
+    }
+
+    fn source_slots(&mut self, v4: [u8; 4]) -> [u32; 2] {
+        source_bucket_slots(&mapped(v4), &self.settings().source_keys)
+    }
+
+    /// The source's two `SRC_BUCKETS` slots.
+    fn source_rows(&mut self, v4: [u8; 4]) -> [SourceBucket; 2] {
+        let slots = self.source_slots(v4);
+        let a: Array<_, SourceBucket> =
+            Array::try_from(self.ebpf.map_mut("SRC_BUCKETS").unwrap()).unwrap();
+        slots.map(|s| a.get(&s, 0).unwrap())
+    }
+
+    /// The source's bucket as the programs judge it: its least indebted row.
+    fn source_bucket_tat(&mut self, v4: [u8; 4]) -> u64 {
+        let [r0, r1] = self.source_rows(v4);
+        r0.tat_ns.min(r1.tat_ns)
+    }
+
+    fn set_source_bucket_tat(&mut self, v4: [u8; 4], tat_ns: u64) {
+        let slots = self.source_slots(v4);
+        let mut a: Array<_, SourceBucket> =
+            Array::try_from(self.ebpf.map_mut("SRC_BUCKETS").unwrap()).unwrap();
+        for s in slots {
+            let row = a.get(&s, 0).unwrap();
+            a.set(s, SourceBucket { tat_ns, ..row }, 0).unwrap();
+        }
     }
 }
 
@@ -648,7 +695,7 @@ fn class_bucket_empties_after_its_burst_and_refills_over_time() {
         let mut admitted_at = None;
         while Instant::now() < deadline {
             if f.run(&p) != Out::Drop {
-                // Measured on the buckets' own (coarse) clock.
+                // Measured on the buckets' own clock.
                 admitted_at = Some(Duration::from_nanos(bucket_clock_ns() - started_ns));
                 break;
             }
@@ -688,12 +735,13 @@ fn source_bucket_limits_each_address_on_its_own() {
                 (crawler, Reason::SourceRate, 1)
             ]
         );
-        // The bucket is keyed by the v4-mapped address; resetting it refills it.
-        let bucket = f
-            .source_bucket([10, 3, 0, 1])
-            .expect("a bucket for 10.3.0.1");
-        assert!(bucket.tat_ns > 0);
-        f.set_source_bucket([10, 3, 0, 1], 0);
+        // Both of the address's slots hold its debt and name it; handing the
+        // time back refills it.
+        assert!(f.source_bucket_tat([10, 3, 0, 1]) > 0);
+        for row in f.source_rows([10, 3, 0, 1]) {
+            assert_eq!(row.last_source, mapped([10, 3, 0, 1]));
+        }
+        f.set_source_bucket_tat([10, 3, 0, 1], 0);
         assert_eq!(f.run(&a), f.admitted(crawler, 0));
         assert_eq!(f.run(&a), f.admitted(crawler, 0));
         assert_eq!(f.run(&a), Out::Drop);
@@ -704,6 +752,53 @@ fn source_bucket_limits_each_address_on_its_own() {
                 (crawler, Reason::SourceRate, 1)
             ]
         );
+    }
+}
+
+#[test]
+fn a_source_sharing_one_bucket_slot_with_a_limited_source_keeps_its_own_rate() {
+    require_kernel!();
+    // Two crawler addresses of different /16s (within one /16 no two share a
+    // slot), and keys under which they share their first row's slot and not
+    // their second's (about one draw in 65 536 does).
+    let (a, b) = ([10, 3, 0, 1], [10, 6, 0, 1]);
+    let mut state = 0u64;
+    let keys = (0..50_000_000)
+        .map(|_| [(); 4].map(|_| splitmix64(&mut state) | 1))
+        .find(|keys| {
+            let [a0, a1] = source_bucket_slots(&mapped(a), keys);
+            let [b0, b1] = source_bucket_slots(&mapped(b), keys);
+            a0 == b0 && a1 != b1
+        })
+        .expect("keys that split the rows (the slots depend on the keys)");
+    for mode in MODES {
+        let mut f = Fixture::new(mode);
+        let crawler = f.class("crawler");
+        f.set_source_keys(keys);
+        // source_conn_rate = 20/s, burst 2: a spends its burst, and one more.
+        let (pa, pb) = (Packet::syn("10.3.0.1", PORT), Packet::syn("10.6.0.1", PORT));
+        assert_eq!(f.run(&pa), f.admitted(crawler, 0));
+        assert_eq!(f.run(&pa), f.admitted(crawler, 0));
+        assert_eq!(f.run(&pa), Out::Drop);
+        // b's first-row slot carries a's debt; its second row does not, and
+        // the least indebted row is its bucket: b has its whole burst.
+        assert_eq!(f.source_rows(b)[0].tat_ns, f.source_rows(a)[0].tat_ns);
+        assert_eq!(f.source_rows(b)[1].tat_ns, 0);
+        assert_eq!(f.run(&pb), f.admitted(crawler, 0));
+        assert_eq!(f.run(&pb), f.admitted(crawler, 0));
+        assert_eq!(f.run(&pb), Out::Drop, "and no more than its own");
+        assert_eq!(
+            f.counted(),
+            [
+                (crawler, Reason::Admitted, 4),
+                (crawler, Reason::SourceRate, 2)
+            ]
+        );
+        assert_eq!(f.source_rows(b)[0].last_source, mapped(b));
+        // A source whose every slot is shared with indebted sources is held
+        // back with them: the sketch errs towards limiting, never admitting.
+        f.set_source_bucket_tat([10, 3, 0, 9], u64::MAX / 2);
+        assert_eq!(f.run(&Packet::syn("10.3.0.9", PORT)), Out::Drop);
     }
 }
 
@@ -725,7 +820,7 @@ fn a_connection_the_class_drops_costs_its_source_nothing() {
                 (shared, Reason::ClassRate, 1)
             ]
         );
-        assert_eq!(f.source_bucket([10, 4, 0, 3]), None, "not charged");
+        assert_eq!(f.source_bucket_tat([10, 4, 0, 3]), 0, "not charged");
         // With the class refilled, 10.4.0.3 still has its whole burst of 2.
         f.set_class_bucket_tat(shared, 0);
         assert_eq!(f.run(&c), f.admitted(shared, 0));
@@ -912,24 +1007,31 @@ fn sync_keeps_admission_tenant_state_and_gpu_load() {
     assert_eq!(f.counted(), [(f.class("standard"), Reason::Admitted, 1)]);
 }
 
-/// CLOCK_MONOTONIC (GPU load stamps) or CLOCK_MONOTONIC_COARSE (the buckets' clock).
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+/// A deterministic stream of well-mixed `u64`s (SplitMix64).
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC)
+    kedge::kernel::clock_ns(libc::CLOCK_MONOTONIC)
 }
 
-/// The clock the kernel's buckets run on (`bpf_ktime_get_coarse_ns`).
+/// The clock the kernel's buckets run on: jiffies (from /proc/timer_list,
+/// root only) times the tick.
 fn bucket_clock_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+    let list = std::fs::read_to_string("/proc/timer_list").unwrap();
+    let jiffies: u64 = list
+        .lines()
+        .find_map(|l| l.strip_prefix("jiffies: "))
+        .expect("a jiffies line in /proc/timer_list")
+        .trim()
+        .parse()
+        .unwrap();
+    jiffies * kedge::kernel::tick_ns()
 }
 
 /// `CONFIG` with `from` replaced by `to` (which must occur).

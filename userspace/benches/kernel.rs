@@ -30,13 +30,13 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key},
+    maps::{Array, LpmTrie, Map, MapData, lpm_trie::Key},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use kedge::kernel::{EdgeMaps, clock_ns, load_unpinned};
 use kedge_common::{
-    Bucket, MAX_CLASSES, NetEntry, Reason, SETTINGS_NO_CLASS_CACHE, Settings, SourceKey,
-    counter_slot,
+    Bucket, MAX_CLASSES, NetEntry, Reason, SETTINGS_NO_CLASS_CACHE, Settings, SourceBucket,
+    SourceKey, counter_slot, source_bucket_slots,
 };
 use packet::{ACK, Packet};
 
@@ -265,11 +265,12 @@ impl Bench {
                 .context("CLASS_BUCKETS")?,
         )?;
         class.set(0, Bucket { tat_ns: 0 }, 0)?;
-        let mut sources: HashMap<_, SourceKey, Bucket> =
-            HashMap::try_from(self.ebpf.map_mut("SRC_BUCKETS").context("SRC_BUCKETS")?)?;
-        let keys: Vec<SourceKey> = sources.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            sources.remove(&k)?;
+        // Only the measured source ever charges a per-source bucket.
+        let keys = self.settings.get(&0, 0)?.source_keys;
+        let mut sources: Array<_, SourceBucket> =
+            Array::try_from(self.ebpf.map_mut("SRC_BUCKETS").context("SRC_BUCKETS")?)?;
+        for slot in source_bucket_slots(&source_key(SOURCE)?, &keys) {
+            sources.set(slot, SourceBucket::default(), 0)?;
         }
         Ok(())
     }
@@ -336,7 +337,7 @@ fn paths(plan: Plan) -> Result<()> {
         ("10.2.0.9", "+ a /16 with a tenant (tenant slot read)"),
         (
             SOURCE,
-            "+ source bucket (LRU hash) and class bucket, clock read",
+            "+ source bucket (two sketch slots) and class bucket, tick read",
         ),
     ];
     for (src, work) in rows {
@@ -429,4 +430,12 @@ fn uname() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
+}
+
+/// An IPv4 address as the per-source buckets key it: `::ffff:a.b.c.d`.
+fn source_key(v4: &str) -> Result<SourceKey> {
+    let a: std::net::Ipv4Addr = v4.parse()?;
+    Ok(SourceKey {
+        addr: a.to_ipv6_mapped().octets(),
+    })
 }

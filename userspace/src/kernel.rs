@@ -48,6 +48,43 @@ pub const MAP_NAMES: [&str; 11] = [
     "COUNTERS",
 ];
 
+/// Nanoseconds per kernel tick: the resolution of CLOCK_MONOTONIC_COARSE,
+/// which the kernel advances once per tick (TICK_NSEC, 1e9 / HZ).
+pub fn tick_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer; CLOCK_MONOTONIC_COARSE exists on every Linux
+    // that runs these programs.
+    unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Four random odd `u64`s from the kernel's CSPRNG (multiply-shift keys).
+fn random_odd_keys() -> std::io::Result<[u64; 4]> {
+    let mut bytes = [0u8; 32];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        let rest = &mut bytes[filled..];
+        // SAFETY: valid buffer of the given length.
+        let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if got < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        } else {
+            filled += got as usize;
+        }
+    }
+    let mut keys = [0u64; 4];
+    for (k, chunk) in keys.iter_mut().zip(bytes.chunks_exact(8)) {
+        *k = u64::from_ne_bytes(chunk.try_into().expect("8 bytes")) | 1;
+    }
+    Ok(keys)
+}
+
 /// `<pin_root>/v<ABI>`: the directory of this layout's maps and links.
 pub fn pin_dir(pin_root: &Path) -> PathBuf {
     pin_root.join(format!("v{MAPS_ABI_VERSION}"))
@@ -192,10 +229,19 @@ impl EdgeMaps {
         if generation == 0 {
             generation = 1;
         }
+        // Kept for the maps' life: new keys would move every source to other
+        // bucket slots, handing each a fresh burst.
+        let source_keys = if previous.source_keys[0] == 0 {
+            random_odd_keys().context("drawing the source bucket keys")?
+        } else {
+            previous.source_keys
+        };
         let mut settings = Settings {
             default_class: cfg.default_class,
             flags: SETTINGS_ENABLED,
             generation,
+            source_keys,
+            tick_ns: tick_ns(),
             ..Default::default()
         };
         if cfg.attach() == AttachMode::Tc && cfg.raw.kernel.mark {

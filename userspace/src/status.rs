@@ -54,7 +54,7 @@ pub const MAP_DOCS: &[MapDoc] = &[
     },
     MapDoc {
         name: "SRC_BUCKETS",
-        holds: "source address -> bucket state (LRU)",
+        holds: "keyed hash of source address, 2 rows -> bucket state, last source (count-min)",
         writer: "kernel",
     },
     MapDoc {
@@ -431,7 +431,7 @@ mod tests {
         }
         let text = render_maps(Path::new("/sys/fs/bpf/kedge"));
         assert!(
-            text.contains("bpftool map dump pinned /sys/fs/bpf/kedge/v2/NETS_V4"),
+            text.contains("bpftool map dump pinned /sys/fs/bpf/kedge/v3/NETS_V4"),
             "{text}"
         );
     }
@@ -441,7 +441,7 @@ mod tests {
         let s = Snapshot {
             attach: "tc",
             interface: Some("eth0".into()),
-            pins: "/sys/fs/bpf/kedge/v2".into(),
+            pins: "/sys/fs/bpf/kedge/v3".into(),
             kernel_attached: true,
             established_packets: 10,
             malformed_packets: 0,

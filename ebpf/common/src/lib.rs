@@ -9,14 +9,16 @@
 #![no_std]
 
 /// Version of the map layouts; names the pin directory `<pin_root>/v<N>`.
-pub const MAPS_ABI_VERSION: u32 = 2;
+pub const MAPS_ABI_VERSION: u32 = 3;
 
 /// Classes are small integers (index into [`ClassPolicy`] arrays).
 pub const MAX_CLASSES: u32 = 16;
 /// Entries per LPM trie (IPv4 and IPv6 each).
 pub const MAX_NETWORKS: u32 = 65_536;
-/// Per-source token buckets kept (LRU: the least recently seen source is evicted).
-pub const MAX_SOURCES: u32 = 65_536;
+/// Slots in each row of the per-source bucket sketch `SRC_BUCKETS` (a power of two).
+pub const SRC_BUCKET_SLOTS: u32 = 65_536;
+/// Rows of `SRC_BUCKETS`: a source has one slot in each, picked by that row's hash.
+pub const SRC_BUCKET_ROWS: u32 = 2;
 /// Tenants mirrored into the kernel: slots of the `TENANTS` array.
 pub const MAX_TENANTS: u32 = 4_096;
 /// Entries of each CPU's source classification cache (`SRC_CLASSES`, direct
@@ -130,6 +132,12 @@ pub struct Settings {
     /// another generation is stale and the SYN is classified afresh.
     pub generation: u32,
     pub _pad: u32,
+    /// Secret odd multipliers of [`source_bucket_slots`], drawn once when the
+    /// maps are created (all 0 until then).
+    pub source_keys: [u64; 4],
+    /// Nanoseconds per kernel tick (1e9 / HZ): the bucket clock is
+    /// `jiffies * tick_ns` (see [`Bucket`]).
+    pub tick_ns: u64,
 }
 
 /// Value of the `NETS_V4` / `NETS_V6` LPM tries: what a source CIDR maps to.
@@ -173,6 +181,48 @@ pub fn source_class_slot(addr: &SourceKey) -> u32 {
     folded.wrapping_mul(0x9e37_79b1) >> (32 - SRC_CLASS_SLOTS.trailing_zeros())
 }
 
+/// One slot of the per-source bucket sketch `SRC_BUCKETS`.
+///
+/// A source owns one slot per row ([`source_bucket_slots`]); its bucket is the
+/// row with the latest arrival time (the least credit), and an admitted SYN
+/// moves every row to at least its new arrival time. Sources that share a slot
+/// share its bucket, so a row only ever overstates a source's debt: a source
+/// is never admitted beyond its own rate, and one is held back by another only
+/// when both its slots are shared with sources over their rate (a count-min
+/// sketch with conservative update).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceBucket {
+    /// As [`Bucket::tat_ns`].
+    pub tat_ns: u64,
+    /// The source whose SYN charged this slot last: for operators.
+    pub last_source: SourceKey,
+}
+
+/// Index into `SRC_BUCKETS` of `addr`'s slot in each row.
+///
+/// Each row hashes the address's two double words with its own pair of secret
+/// odd multipliers and keeps the top bits of the sum (vector multiply-shift,
+/// an almost-universal family): for any two addresses, the chance that they
+/// share a row's slot is about one in `SRC_BUCKET_SLOTS` over the choice of
+/// keys, so a client that does not know the keys cannot pick addresses that
+/// share another's slots. (Addresses of one IPv4 /16 never share a slot: the
+/// last two octets are the top bits of the low double word.)
+#[inline(always)]
+pub fn source_bucket_slots(addr: &SourceKey, keys: &[u64; 4]) -> [u32; 2] {
+    let [high, low] = addr.dwords();
+    let shift = 64 - SRC_BUCKET_SLOTS.trailing_zeros();
+    let row0 = high
+        .wrapping_mul(keys[0])
+        .wrapping_add(low.wrapping_mul(keys[1]))
+        >> shift;
+    let row1 = high
+        .wrapping_mul(keys[2])
+        .wrapping_add(low.wrapping_mul(keys[3]))
+        >> shift;
+    [row0 as u32, SRC_BUCKET_SLOTS + row1 as u32]
+}
+
 /// `ClassPolicy.flags`: every new connection of the class is dropped.
 pub const CLASS_DENY: u32 = 1;
 
@@ -207,7 +257,10 @@ impl ClassPolicy {
 }
 
 /// State of one GCRA bucket: the theoretical arrival time of the next conforming
-/// connection, in `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) nanoseconds.
+/// connection, on the bucket clock: the kernel's tick counter (`jiffies`) times
+/// `Settings.tick_ns`. Nanoseconds, one tick of resolution, its own epoch
+/// (compare with `grep '^jiffies' /proc/timer_list` times the tick, not with
+/// CLOCK_MONOTONIC).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bucket {
@@ -325,6 +378,7 @@ mod pod {
     unsafe impl aya::Pod for Admission {}
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for SourceClass {}
+    unsafe impl aya::Pod for SourceBucket {}
     unsafe impl aya::Pod for TenantState {}
     unsafe impl aya::Pod for GpuLoad {}
 }
@@ -362,6 +416,52 @@ mod tests {
         // 256 consecutive addresses land on (nearly) 256 different slots.
         assert!(seen.iter().filter(|s| **s).count() > 200);
         assert_eq!(core::mem::size_of::<SourceClass>(), 40);
+    }
+
+    fn v4(a: [u8; 4]) -> SourceKey {
+        let mut k = SourceKey::default();
+        k.addr[10] = 0xff;
+        k.addr[11] = 0xff;
+        k.addr[12..].copy_from_slice(&a);
+        k
+    }
+
+    #[test]
+    fn source_bucket_slots_are_one_per_row_and_spread() {
+        let keys = [
+            0x0123_4567_89ab_cdef,
+            0x8765_4321_0fed_cba9,
+            0x5555_aaaa_3333_cccd,
+            0x9e37_79b9_7f4a_7c15,
+        ];
+        let mut rows = [[false; SRC_BUCKET_SLOTS as usize]; 2];
+        let mut slots_of = [[0u32; 2]; 4096];
+        for (i, slots) in slots_of.iter_mut().enumerate() {
+            // Neighbours across /16s: the third octet varies slowest.
+            let s = source_bucket_slots(&v4([10, (i >> 8) as u8, i as u8, 7]), &keys);
+            assert!(s[0] < SRC_BUCKET_SLOTS, "{s:?}");
+            assert!((SRC_BUCKET_SLOTS..2 * SRC_BUCKET_SLOTS).contains(&s[1]));
+            rows[0][s[0] as usize] = true;
+            rows[1][(s[1] - SRC_BUCKET_SLOTS) as usize] = true;
+            *slots = s;
+        }
+        // 4096 addresses in 65 536 slots: about 3 970 distinct per row if the
+        // hash spreads them.
+        for row in rows {
+            assert!(row.iter().filter(|s| **s).count() > 3900);
+        }
+        // Sharing both rows is a one in 2^32 event per pair.
+        for (i, a) in slots_of.iter().enumerate() {
+            assert!(!slots_of[i + 1..].contains(a), "{a:?}");
+        }
+        // The keys move every source.
+        let a = v4([192, 0, 2, 1]);
+        let other = [keys[1], keys[0], keys[3], keys[2]];
+        assert_ne!(
+            source_bucket_slots(&a, &keys),
+            source_bucket_slots(&a, &other)
+        );
+        assert_eq!(core::mem::size_of::<SourceBucket>(), 24);
     }
 
     #[test]

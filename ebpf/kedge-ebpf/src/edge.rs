@@ -1,15 +1,16 @@
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    btf_maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    helpers::{bpf_get_prandom_u32, bpf_jiffies64},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use kedge_common::{
     Admission, Bucket, CLASS_DENY, COUNTER_SLOTS, ClassPolicy, FAMILY_V4, FAMILY_V6, GLOBAL_SLOT,
-    GpuLoad, MAX_CLASSES, MAX_GPUS, MAX_NETWORKS, MAX_PORTS, MAX_SOURCES, MAX_TENANTS, NetEntry,
-    Reason, SETTINGS_ENABLED, SETTINGS_MARK, SETTINGS_NO_CLASS_CACHE, SRC_CLASS_SLOTS, Settings,
-    SourceClass, SourceKey, TenantState, counter_slot, encode_mark, source_class_slot,
+    GpuLoad, MAX_CLASSES, MAX_GPUS, MAX_NETWORKS, MAX_PORTS, MAX_TENANTS, NetEntry, Reason,
+    SETTINGS_ENABLED, SETTINGS_MARK, SETTINGS_NO_CLASS_CACHE, SRC_BUCKET_ROWS, SRC_BUCKET_SLOTS,
+    SRC_CLASS_SLOTS, Settings, SourceBucket, SourceClass, SourceKey, TenantState, counter_slot,
+    encode_mark, source_bucket_slots, source_class_slot,
 };
 
 // ---- maps (the contract; see docs/maps.md) ---------------------------------
@@ -26,8 +27,13 @@ static CLASSES: Array<ClassPolicy, { MAX_CLASSES as usize }> = Array::new();
 static ADMISSION: Array<Admission, { MAX_CLASSES as usize }> = Array::new();
 #[btf_map]
 static CLASS_BUCKETS: Array<Bucket, { MAX_CLASSES as usize }> = Array::new();
+/// The per-source buckets, a count-min sketch: `SRC_BUCKET_ROWS` rows of
+/// `SRC_BUCKET_SLOTS`, a source's slot in each picked by a keyed hash
+/// (`source_bucket_slots`). An array, so the lookups are inlined: an LRU hash
+/// lookup (a jhash of 16 bytes and a bucket walk) was a third of an admitted SYN.
 #[btf_map]
-static SRC_BUCKETS: LruHashMap<SourceKey, Bucket, { MAX_SOURCES as usize }> = LruHashMap::new();
+static SRC_BUCKETS: Array<SourceBucket, { (SRC_BUCKET_ROWS * SRC_BUCKET_SLOTS) as usize }> =
+    Array::new();
 /// Index = the tenant's slot (`NetEntry.tenant_slot`): an array, so the lookup
 /// is inlined (a hash lookup by tenant id cost a sixth of an admitted SYN).
 #[btf_map]
@@ -414,7 +420,7 @@ fn decide(settings: &Settings, seen: Parse, start: usize, end: usize) -> Verdict
     };
     let entry = classify(settings, &src, p.is_v4);
     let class = entry.class;
-    match admit(&src, &entry) {
+    match admit(settings, &src, &entry) {
         Some(reason) => {
             count(class, reason);
             Verdict::Drop
@@ -433,7 +439,7 @@ fn decide(settings: &Settings, seen: Parse, start: usize, end: usize) -> Verdict
 /// The checks a new connection must pass, cheapest and most final first.
 /// Returns the drop reason, or `None` to admit.
 #[inline(always)]
-fn admit(src: &SourceKey, entry: &NetEntry) -> Option<Reason> {
+fn admit(settings: &Settings, src: &SourceKey, entry: &NetEntry) -> Option<Reason> {
     let class = entry.class;
     let policy = CLASSES.get(class)?;
     if policy.flags & CLASS_DENY != 0 {
@@ -462,60 +468,60 @@ fn admit(src: &SourceKey, entry: &NetEntry) -> Option<Reason> {
         // No bucket: skip the clock read too.
         return None;
     }
-    // The coarse clock (CLOCK_MONOTONIC_COARSE, one tick of resolution) costs a
-    // memory read; bpf_ktime_get_ns reads the clocksource and was the largest
-    // single cost of a SYN (docs/benchmarks.md). GCRA keeps its bounds with it:
-    // a bucket gains at most one tick of extra credit.
+    // The bucket clock is the tick counter in nanoseconds. The verifier turns
+    // bpf_jiffies64 into one load, where any clock helper is a call (the coarse
+    // clock's cost a tenth of an admitted SYN, bpf_ktime_get_ns more); the
+    // resolution is one tick either way, as with CLOCK_MONOTONIC_COARSE. GCRA
+    // keeps its bounds with it: a bucket gains at most one tick of extra credit.
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = unsafe { bpf_jiffies64() }.wrapping_mul(settings.tick_ns);
     // Check both buckets, then charge both: a connection the class bucket drops
     // costs its source nothing, and the source bucket comes first so one abusive
     // address is stopped before it is weighed against its class. The updates are
     // not atomic across CPUs on purpose: a lost update admits at most one extra
     // connection per racing CPU.
-    let src_bucket = if policy.source_interval_ns != 0 {
-        let b = SRC_BUCKETS.get_ptr_mut(src);
-        if let Some(b) = b {
-            // SAFETY: `b` points into a map value that lives while we run.
-            if !conforms(unsafe { (*b).tat_ns }, now, policy.source_tolerance_ns) {
-                return Some(Reason::SourceRate);
+    let source = if policy.source_interval_ns != 0 {
+        let [s0, s1] = source_bucket_slots(src, &settings.source_keys);
+        match (SRC_BUCKETS.get_ptr_mut(s0), SRC_BUCKETS.get_ptr_mut(s1)) {
+            (Some(r0), Some(r1)) => {
+                // SAFETY: both point into map values that live while we run.
+                let (t0, t1) = unsafe { ((*r0).tat_ns, (*r1).tat_ns) };
+                // The row that owes least is the closest to the source's own debt.
+                let tat = if t0 < t1 { t0 } else { t1 };
+                if !conforms(tat, now, policy.source_tolerance_ns) {
+                    return Some(Reason::SourceRate);
+                }
+                Some((r0, r1, charged(tat, now, policy.source_interval_ns)))
+            }
+            // Unreachable (the slots are in range); admit rather than guess.
+            _ => None,
+        }
+    } else {
+        None
+    };
+    if policy.interval_ns != 0 {
+        if let Some(b) = CLASS_BUCKETS.get_ptr_mut(class) {
+            // SAFETY: as above.
+            let tat = unsafe { (*b).tat_ns };
+            if !conforms(tat, now, policy.tolerance_ns) {
+                return Some(Reason::ClassRate);
+            }
+            // SAFETY: as above.
+            unsafe { (*b).tat_ns = charged(tat, now, policy.interval_ns) };
+        }
+    }
+    if let Some((r0, r1, tat)) = source {
+        // Conservative update: no row falls below the source's new arrival
+        // time, and a row a busier source pushed further keeps its time.
+        for r in [r0, r1] {
+            // SAFETY: as above.
+            unsafe {
+                if (*r).tat_ns < tat {
+                    (*r).tat_ns = tat;
+                }
+                (*r).last_source = *src;
             }
         }
-        Some(b)
-    } else {
-        None
-    };
-    let class_bucket = if policy.interval_ns != 0 {
-        CLASS_BUCKETS.get_ptr_mut(class)
-    } else {
-        None
-    };
-    if let Some(b) = class_bucket {
-        // SAFETY: as above.
-        let tat = unsafe { (*b).tat_ns };
-        if !conforms(tat, now, policy.tolerance_ns) {
-            return Some(Reason::ClassRate);
-        }
-        // SAFETY: as above.
-        unsafe { (*b).tat_ns = charged(tat, now, policy.interval_ns) };
-    }
-    match src_bucket {
-        // SAFETY: as above.
-        Some(Some(b)) => unsafe {
-            (*b).tat_ns = charged((*b).tat_ns, now, policy.source_interval_ns)
-        },
-        // First connection from this source. An insert failure admits: the LRU
-        // map evicts, so it only fails under memory pressure.
-        Some(None) => {
-            let _ = SRC_BUCKETS.insert(
-                src,
-                Bucket {
-                    tat_ns: now + policy.source_interval_ns,
-                },
-                0,
-            );
-        }
-        None => {}
     }
     None
 }
