@@ -294,7 +294,7 @@ pub struct Network {
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     pub name: Spanned<String>,
-    /// `http://host:port` or `https://host[:port]` (system roots, plus `ca_file`).
+    /// `http://host:port` or `https://host[:port]` (system roots, plus `ca_file`), spoken to over HTTP/1.1.
     pub url: Spanned<String>,
     /// Ask for `stream_options.include_usage` on streams (turn off for servers that reject it).
     #[serde(default = "yes")]

@@ -11,6 +11,7 @@
 //! so later stages (budgets, scheduling, multi-arm routing) slot in between.
 
 mod charge;
+mod h1;
 pub mod headers;
 mod server;
 mod stream;
@@ -37,7 +38,7 @@ use server::InFlight;
 pub use server::{ConnInfo, Tags};
 use stream::{Meter, MeteredStream};
 use tokio::sync::watch;
-use upstream::{Backend, bad_gateway};
+use upstream::{Backend, UpstreamBody, bad_gateway};
 
 use charge::Charge;
 
@@ -642,7 +643,7 @@ impl Proxy {
         reason: &'static str,
         (permit, guard, charge): (Permit, ArmGuard, Charge),
         upstream_model: String,
-        resp: Response<Incoming>,
+        resp: Response<UpstreamBody>,
     ) -> Sent {
         let (arm_cfg, arm_rt) = route.arm(arm);
         let local = arm_cfg.kind == ArmKind::Local;
@@ -744,7 +745,7 @@ impl Proxy {
         upstream_model: &str,
         parsed: &ParsedRequest,
         headers: HeaderMap,
-    ) -> Result<Response<Incoming>, ApiError> {
+    ) -> Result<Response<UpstreamBody>, ApiError> {
         let b = &self.backends[backend];
         let body = parsed.upstream_body(upstream_model, b.stream_usage);
         b.send(Method::POST, endpoint.path(), headers, body).await
@@ -1073,7 +1074,7 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
 /// What the upstream stage hands to the response stage: the answer, the
 /// scheduler slot and the arm's in-flight count, both held until the body ends.
 pub struct Sent {
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     permit: Permit,
     arm: Option<ArmGuard>,
     charge: Charge,

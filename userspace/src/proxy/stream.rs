@@ -12,21 +12,16 @@ use std::{
     collections::VecDeque,
     future::Future,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    task::{Context, Poll, Wake, Waker},
+    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use super::{BoxError, Settlement};
+use super::{BoxError, Settlement, upstream::UpstreamBody};
 use crate::{
     config::OnDisconnect,
     openai::{self, Usage},
@@ -125,56 +120,11 @@ impl Meter {
     }
 }
 
-/// Done once the runtime has run every other ready task: tokio's
-/// `yield_now`, observed through a waker of its own, because hyper polls a
-/// body again at once after a `Pending` and that re-poll must not count.
-#[derive(Default)]
-struct GiveWay {
-    resumed: Option<Arc<Resume>>,
-}
-
-struct Resume {
-    done: AtomicBool,
-    task: Waker,
-}
-
-impl Wake for Resume {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.done.store(true, Ordering::Release);
-        self.task.wake_by_ref();
-    }
-}
-
-impl GiveWay {
-    /// True once the other tasks have had their turn.
-    fn poll(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(resume) = &self.resumed {
-            return resume.done.load(Ordering::Acquire);
-        }
-        let resume = Arc::new(Resume {
-            done: AtomicBool::new(false),
-            task: cx.waker().clone(),
-        });
-        let waker = Waker::from(resume.clone());
-        // `yield_now` hands its waker to the scheduler, which wakes it after
-        // the ready tasks ran (at once outside a runtime).
-        let mut yielded = std::pin::pin!(tokio::task::yield_now());
-        let _ = yielded.as_mut().poll(&mut Context::from_waker(&waker));
-        let done = resume.done.load(Ordering::Acquire);
-        self.resumed = Some(resume);
-        done
-    }
-}
-
 /// Most bytes held back to coalesce a burst of events into one write.
 const COALESCE_BYTES: usize = 64 << 10;
 
 pub struct MeteredStream {
-    upstream: Option<Incoming>,
+    upstream: Option<UpstreamBody>,
     meter: Meter,
     out: VecDeque<Bytes>,
     /// Fires `idle_timeout` after the last upstream frame. It is moved only
@@ -183,9 +133,6 @@ pub struct MeteredStream {
     idle: Pin<Box<Sleep>>,
     last_frame: Instant,
     idle_timeout: Duration,
-    /// Set while the stream lets the upstream connection run before writing
-    /// what it holds (see `poll_frame`).
-    give_way: Option<GiveWay>,
     on_disconnect: OnDisconnect,
     settlement: Option<Settlement>,
     /// Why the stream ends early, reported once what passed is delivered.
@@ -194,7 +141,7 @@ pub struct MeteredStream {
 
 impl MeteredStream {
     pub fn new(
-        upstream: Incoming,
+        upstream: UpstreamBody,
         meter: Meter,
         idle_timeout: Duration,
         on_disconnect: OnDisconnect,
@@ -207,7 +154,6 @@ impl MeteredStream {
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             last_frame: Instant::now(),
             idle_timeout,
-            give_way: None,
             on_disconnect,
             settlement: Some(settlement),
             failure: None,
@@ -292,19 +238,11 @@ impl HttpBody for MeteredStream {
                     }
                     return Poll::Pending;
                 }
-                Poll::Pending => {
-                    // Events wait to go out. The upstream connection is its own
-                    // task and hands over one decoded chunk at a time: let every
-                    // ready task run first, so a burst it has already received
-                    // leaves in one write rather than one write per event.
-                    if this.give_way.get_or_insert_with(GiveWay::default).poll(cx) {
-                        break;
-                    }
-                    return Poll::Pending;
-                }
+                // Everything the upstream socket held has been read (a burst of
+                // events arrives in one read): it leaves in one write.
+                Poll::Pending => break,
             }
         }
-        this.give_way = None;
         if !this.out.is_empty() {
             return Poll::Ready(Some(Ok(Frame::data(this.take_out()))));
         }
@@ -348,7 +286,12 @@ impl Drop for MeteredStream {
 }
 
 /// Reads the rest of an abandoned stream to learn its exact usage.
-async fn drain(mut upstream: Incoming, mut meter: Meter, idle: Duration, settlement: Settlement) {
+async fn drain(
+    mut upstream: UpstreamBody,
+    mut meter: Meter,
+    idle: Duration,
+    settlement: Settlement,
+) {
     let mut unsent = VecDeque::new();
     loop {
         match tokio::time::timeout(idle, upstream.frame()).await {

@@ -108,7 +108,7 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig> {
         }
     }
     tracing::debug!(system_roots = added, "https upstream roots loaded");
-    // ALPN is left to the connector, which offers what the client speaks.
+    // ALPN is set by the upstream client (`h1`: http/1.1 only).
     Ok(ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?

@@ -1,42 +1,37 @@
-//! Backends: one pooled hyper client each (http, or https through rustls with
-//! ALPN h2/http1.1), and the mapping of upstream trouble to a status:
+//! Backends: one pooled HTTP/1.1 client each (`h1`: http, or https through
+//! rustls), and the mapping of upstream trouble to a status:
 //! - 503 `backend_unavailable`: no connection could be made (refused, connect
 //!   timeout, TLS failure); nothing was sent, the backend is down for now
 //! - 504 `upstream_timeout`: connected, but no answer within `response_timeout_ms`
 //! - 502 `bad_gateway`: the answer was not HTTP, broke off, or was not JSON
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{
-    HeaderMap, Method, Request, Response, StatusCode, Uri,
-    body::Incoming,
+    HeaderMap, Method, Response, StatusCode, Uri,
     header::{self, HeaderValue},
 };
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
-};
 
+use super::h1;
 use crate::{
     config::{self, Loaded, OnDisconnect},
     openai::{ApiError, Endpoint},
 };
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// The body of a backend's answer, read by the task that polls it.
+pub type UpstreamBody = h1::ResponseBody;
 
 /// One `[[backend]]`, ready to send to.
 pub struct Backend {
     pub name: String,
-    base: Uri,
-    /// The URI of each [`Endpoint`] (`Endpoint as usize`), built once rather
-    /// than formatted and parsed per request. `None` if it does not build: the
-    /// request then fails as before, from [`uri`].
-    endpoint_uris: Vec<Option<Uri>>,
-    client: HttpClient,
+    /// The backend URL's path, without a trailing `/`: prefixes request paths.
+    prefix: String,
+    /// The path of each [`Endpoint`] (`Endpoint as usize`), built once rather
+    /// than formatted per request.
+    endpoint_paths: Vec<String>,
+    client: Arc<h1::Client>,
     /// `Authorization` sent upstream (from `api_key_env`); never logged.
     auth: Option<HeaderValue>,
     pub response_timeout: Duration,
@@ -48,22 +43,15 @@ pub struct Backend {
 impl Backend {
     fn new(spec: &config::Backend, base: &Uri) -> Result<Backend> {
         let name = spec.name.get_ref().clone();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_millis(spec.connect_timeout_ms)));
-        let tls = super::tls::client_config(spec.ca_file.as_ref().map(|p| p.get_ref().as_path()))
+        let tls = match base.scheme_str() {
+            Some("https") => Some(
+                super::tls::client_config(spec.ca_file.as_ref().map(|p| p.get_ref().as_path()))
+                    .with_context(|| format!("backend `{name}`"))?,
+            ),
+            _ => None,
+        };
+        let client = h1::Client::new(base, tls, Duration::from_millis(spec.connect_timeout_ms))
             .with_context(|| format!("backend `{name}`"))?;
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
-            .build(connector);
         let auth = match &spec.api_key_env {
             Some(var) => {
                 let key = std::env::var(var).with_context(|| {
@@ -77,11 +65,15 @@ impl Backend {
             }
             None => None,
         };
-        let endpoint_uris = ENDPOINTS.iter().map(|e| uri(base, e.path()).ok()).collect();
+        let prefix = base.path().trim_end_matches('/').to_string();
+        let endpoint_paths = ENDPOINTS
+            .iter()
+            .map(|e| format!("{prefix}{}", e.path()))
+            .collect();
         Ok(Backend {
             name,
-            base: base.clone(),
-            endpoint_uris,
+            prefix,
+            endpoint_paths,
             client,
             auth,
             response_timeout: Duration::from_millis(spec.response_timeout_ms),
@@ -98,26 +90,22 @@ impl Backend {
         path: &str,
         mut headers: HeaderMap,
         body: Bytes,
-    ) -> Result<Response<Incoming>, ApiError> {
-        let built = Endpoint::from_path(path).and_then(|e| self.endpoint_uris[e as usize].clone());
-        let uri = match built {
-            Some(uri) => uri,
-            None => uri(&self.base, path).map_err(|e| {
-                ApiError::invalid("bad_path", format!("Invalid request target: {e}"))
-            })?,
+    ) -> Result<Response<UpstreamBody>, ApiError> {
+        let joined;
+        let path = match Endpoint::from_path(path) {
+            Some(e) => self.endpoint_paths[e as usize].as_str(),
+            None => {
+                joined = format!("{}{path}", self.prefix);
+                joined.as_str()
+            }
         };
         if let Some(auth) = &self.auth {
             headers.insert(header::AUTHORIZATION, auth.clone());
         }
         headers.remove(header::HOST);
         headers.remove(header::CONTENT_LENGTH);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(Full::new(body))
-            .map_err(|e| ApiError::invalid("bad_request", e.to_string()))?;
-        *req.headers_mut() = headers;
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+        let sent = self.client.send(&method, path, &headers, &body);
+        match tokio::time::timeout(self.response_timeout, sent).await {
             Err(_) => Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_error",
@@ -128,7 +116,7 @@ impl Backend {
                     self.response_timeout.as_millis()
                 ),
             )),
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(e @ h1::Error::Connect(_))) => {
                 tracing::warn!(backend = %self.name, error = %chain(&e), "upstream connect failed");
                 Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -152,16 +140,6 @@ const ENDPOINTS: [Endpoint; 3] = [
     Endpoint::Completions,
     Endpoint::Embeddings,
 ];
-
-/// The backend URL's path (if any) prefixes the request path.
-fn uri(base: &Uri, path_and_query: &str) -> Result<Uri, hyper::http::Error> {
-    let prefix = base.path().trim_end_matches('/');
-    Uri::builder()
-        .scheme(base.scheme_str().unwrap_or("http"))
-        .authority(base.authority().map(|a| a.as_str()).unwrap_or_default())
-        .path_and_query(format!("{prefix}{path_and_query}"))
-        .build()
-}
 
 /// An error and its causes, `: `-joined (hyper's own message is terse).
 fn chain(e: &dyn std::error::Error) -> String {
@@ -203,10 +181,5 @@ mod tests {
         for (i, e) in ENDPOINTS.iter().enumerate() {
             assert_eq!(*e as usize, i);
         }
-        let base: Uri = "http://h:1/prefix/".parse().unwrap();
-        assert_eq!(
-            uri(&base, Endpoint::Embeddings.path()).unwrap(),
-            "http://h:1/prefix/v1/embeddings"
-        );
     }
 }
