@@ -21,8 +21,8 @@ use kedge::{
     kernel::{EdgeMaps, load_unpinned},
 };
 use kedge_common::{
-    Bucket, GLOBAL_SLOT, REASONS, Reason, Settings, SourceBucket, SourceKey, encode_mark,
-    source_bucket_slots,
+    Bucket, GLOBAL_SLOT, REASONS, Reason, SETTINGS_NO_LINK_HEADER, Settings, SourceBucket,
+    SourceKey, encode_mark, source_bucket_slots,
 };
 use support::packet::{
     ACK, DEST_OPTS, FIN, HOP_BY_HOP, MOBILITY, Packet, ROUTING, RST, SYN, TPID_8021AD, TPID_8021Q,
@@ -463,6 +463,85 @@ fn one_vlan_tag_of_either_kind_is_looked_through() {
             assert_eq!(f.run(&Packet::syn("10.1.2.3", 22).vlan(tpid)), Out::Pass(0));
             assert_eq!(f.counted(), NOTHING);
         }
+    }
+}
+
+/// A tun interface of this test's own, removed when dropped.
+struct Tun(String);
+
+impl Tun {
+    /// None (and why) where this machine cannot make one.
+    fn new() -> Result<Tun, String> {
+        let name = format!("ktun{}", std::process::id() % 100_000);
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &name])
+            .output();
+        let out = std::process::Command::new("ip")
+            .args(["tuntap", "add", "dev", &name, "mode", "tun"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(Tun(name))
+    }
+}
+
+impl Drop for Tun {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn on_an_ip_only_interface_packets_are_read_from_their_ip_header() {
+    require_kernel!();
+    let tun = match Tun::new() {
+        Ok(tun) => tun,
+        Err(why) => {
+            eprintln!("skipped: no tun device: {why}");
+            return;
+        }
+    };
+    assert!(!kedge::kernel::has_link_header(&tun.0).unwrap());
+    assert!(kedge::kernel::has_link_header("lo").unwrap());
+    let config = CONFIG.replace("interface = \"lo\"", &format!("interface = \"{}\"", tun.0));
+    for mode in MODES {
+        // `sync` reads the interface's link type and tells the programs.
+        let mut f = Fixture::with_config(mode, &config);
+        assert_ne!(f.settings().flags & SETTINGS_NO_LINK_HEADER, 0);
+        let (interactive, product, blocked) = (
+            f.class("interactive"),
+            f.tenant("product"),
+            f.class("blocked"),
+        );
+        for src in ["10.1.2.9", "fd00:1:2::9"] {
+            let p = Packet::syn(src, PORT).ip_only();
+            assert_eq!(
+                f.run(&p),
+                f.admitted(interactive, product),
+                "{mode:?} {src}"
+            );
+            assert_eq!(f.counted(), [(interactive, Reason::Admitted, 1)]);
+        }
+        for src in ["10.1.2.3", "fd00:1:2::3"] {
+            assert_eq!(f.run(&Packet::syn(src, PORT).ip_only()), Out::Drop);
+            assert_eq!(f.counted(), [(blocked, Reason::Denied, 1)]);
+            let ack = Packet::tcp(src, PORT, ACK).ip_only();
+            assert_eq!(f.run(&ack), Out::Pass(0));
+            assert_eq!(f.counted(), [(GLOBAL_SLOT, Reason::Established, 1)]);
+            assert_eq!(f.run(&Packet::syn(src, 22).ip_only()), Out::Pass(0));
+            assert_eq!(f.counted(), NOTHING);
+        }
+        // Read as Ethernet, the same bytes would be nothing of ours: the
+        // flag is what makes them judged.
+        let mut framed = Fixture::new(mode);
+        assert_eq!(
+            framed.run(&Packet::syn("10.1.2.3", PORT).ip_only()),
+            Out::Pass(0)
+        );
     }
 }
 

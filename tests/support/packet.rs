@@ -41,6 +41,8 @@ pub struct Packet {
     fragment: Option<u16>,
     /// IPv6 extension headers, in order, before TCP.
     v6_ext: Vec<u8>,
+    /// No Ethernet header: the packet as an IP-only device (tun, WireGuard) carries it.
+    ip_only: bool,
 }
 
 impl Packet {
@@ -63,7 +65,14 @@ impl Packet {
             ihl: None,
             fragment: None,
             v6_ext: Vec::new(),
+            ip_only: false,
         }
+    }
+
+    /// Without the Ethernet header, as on a tun or WireGuard interface.
+    pub fn ip_only(mut self) -> Packet {
+        self.ip_only = true;
+        self
     }
 
     pub fn syn(src: &str, dst_port: u16) -> Packet {
@@ -108,6 +117,9 @@ impl Packet {
 
     /// Byte offset where the IP header starts.
     pub fn l3_offset(&self) -> usize {
+        if self.ip_only {
+            return 0;
+        }
         14 + if self.vlan.is_some() { 4 } else { 0 }
     }
 
@@ -198,6 +210,10 @@ impl Packet {
             _ => unreachable!("both addresses come from the same family"),
         }
         frame.extend_from_slice(&l4);
+        if self.ip_only {
+            assert!(self.vlan.is_none(), "a VLAN tag needs an Ethernet header");
+            frame.drain(..14);
+        }
         frame
     }
 }

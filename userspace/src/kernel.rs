@@ -25,7 +25,7 @@ use aya::{
 use kedge_common::{
     ADMIT_ALL, Admission, CLASS_DENY, COUNTER_SLOTS, ClassPolicy, GpuLoad, MAPS_ABI_VERSION,
     MAX_CLASSES, MAX_GPUS, MAX_PORTS, MAX_TENANTS, NetEntry, SETTINGS_ENABLED, SETTINGS_MARK,
-    Settings, TenantState,
+    SETTINGS_NO_LINK_HEADER, Settings, TenantState,
 };
 
 use crate::config::{AttachMode, Loaded};
@@ -47,6 +47,33 @@ pub const MAP_NAMES: [&str; 11] = [
     "GPU_LOAD",
     "COUNTERS",
 ];
+
+/// Whether packets on `iface` start with an Ethernet header (Ethernet,
+/// loopback) or with their IP header (tun, WireGuard, IP tunnels), from its
+/// link type (`/sys/class/net/IFACE/type`, an ARPHRD_* number). An interface
+/// that does not exist (yet) counts as Ethernet: attaching to it fails anyway.
+pub fn has_link_header(iface: &str) -> Result<bool> {
+    let path = format!("/sys/class/net/{iface}/type");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(true);
+    };
+    let link_type: u32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("reading {path}: {text:?}"))?;
+    match link_type {
+        // ARPHRD_ETHER, ARPHRD_LOOPBACK
+        1 | 772 => Ok(true),
+        // ARPHRD_RAWIP, ARPHRD_TUNNEL (ipip), ARPHRD_TUNNEL6, ARPHRD_SIT,
+        // ARPHRD_IPGRE, ARPHRD_IP6GRE, ARPHRD_NONE (tun, WireGuard)
+        519 | 768 | 769 | 776 | 778 | 823 | 65534 => Ok(false),
+        other => bail!(
+            "kernel.interface {iface} has link type {other} (ARPHRD_*), whose headers kedge \
+             cannot parse; attach to an Ethernet, loopback or IP-only (tun, WireGuard, IP \
+             tunnel) interface"
+        ),
+    }
+}
 
 /// Nanoseconds per kernel tick: the resolution of CLOCK_MONOTONIC_COARSE,
 /// which the kernel advances once per tick (TICK_NSEC, 1e9 / HZ).
@@ -246,6 +273,11 @@ impl EdgeMaps {
         };
         if cfg.attach() == AttachMode::Tc && cfg.raw.kernel.mark {
             settings.flags |= SETTINGS_MARK;
+        }
+        if let Some(iface) = &cfg.raw.kernel.interface
+            && !has_link_header(iface)?
+        {
+            settings.flags |= SETTINGS_NO_LINK_HEADER;
         }
         for (slot, port) in settings
             .ports

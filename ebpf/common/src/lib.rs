@@ -117,6 +117,9 @@ pub const SETTINGS_MARK: u32 = 2;
 /// walks the LPM trie (and refills the cache). For benchmarks and debugging;
 /// the daemon never sets it.
 pub const SETTINGS_NO_CLASS_CACHE: u32 = 4;
+/// `Settings.flags`: the interface has no link-layer header (tun, WireGuard,
+/// IP tunnels): a packet starts with its IP header, whose version says which.
+pub const SETTINGS_NO_LINK_HEADER: u32 = 8;
 
 /// Global settings, the single entry of the `SETTINGS` array. Written by the daemon.
 #[repr(C)]

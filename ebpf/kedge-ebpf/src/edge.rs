@@ -8,9 +8,9 @@ use aya_ebpf::{
 use kedge_common::{
     Admission, Bucket, CLASS_DENY, COUNTER_SLOTS, ClassPolicy, FAMILY_V4, FAMILY_V6, GLOBAL_SLOT,
     GpuLoad, MAX_CLASSES, MAX_GPUS, MAX_NETWORKS, MAX_PORTS, MAX_TENANTS, NetEntry, Reason,
-    SETTINGS_ENABLED, SETTINGS_MARK, SETTINGS_NO_CLASS_CACHE, SRC_BUCKET_ROWS, SRC_BUCKET_SLOTS,
-    SRC_CLASS_SLOTS, Settings, SourceBucket, SourceClass, SourceKey, TenantState, counter_slot,
-    encode_mark, source_bucket_slots, source_class_slot,
+    SETTINGS_ENABLED, SETTINGS_MARK, SETTINGS_NO_CLASS_CACHE, SETTINGS_NO_LINK_HEADER,
+    SRC_BUCKET_ROWS, SRC_BUCKET_SLOTS, SRC_CLASS_SLOTS, Settings, SourceBucket, SourceClass,
+    SourceKey, TenantState, counter_slot, encode_mark, source_bucket_slots, source_class_slot,
 };
 
 // ---- maps (the contract; see docs/maps.md) ---------------------------------
@@ -57,7 +57,8 @@ pub fn kedge_tc(ctx: TcContext) -> i32 {
     let Some(settings) = settings() else {
         return TC_ACT_UNSPEC;
     };
-    let mut seen = parse(ctx.data(), ctx.data_end());
+    let l2 = has_link_header(settings);
+    let mut seen = parse(ctx.data(), ctx.data_end(), l2);
     if let Parse::Short = seen {
         // The parser sees only the skb's linear part. A paged skb (GRO, some
         // drivers) can keep headers outside it: pull them in and look again.
@@ -66,7 +67,7 @@ pub fn kedge_tc(ctx: TcContext) -> i32 {
         if ((ctx.data_end() - ctx.data()) as u32) < len {
             let want = if len < HEADERS_MAX { len } else { HEADERS_MAX };
             if ctx.pull_data(want).is_ok() {
-                seen = parse(ctx.data(), ctx.data_end());
+                seen = parse(ctx.data(), ctx.data_end(), l2);
             }
         }
     }
@@ -85,7 +86,7 @@ pub fn kedge_xdp(ctx: XdpContext) -> u32 {
     let Some(settings) = settings() else {
         return xdp_action::XDP_PASS;
     };
-    let seen = parse(ctx.data(), ctx.data_end());
+    let seen = parse(ctx.data(), ctx.data_end(), has_link_header(settings));
     match decide(settings, seen, ctx.data(), ctx.data_end()) {
         Verdict::Drop => xdp_action::XDP_DROP,
         // XDP has no mark: the daemon reads the same LPM maps for the tag.
@@ -185,22 +186,44 @@ fn settings() -> Option<&'static Settings> {
     Some(settings)
 }
 
+/// Whether packets start with an Ethernet header (else with the IP header).
 #[inline(always)]
-fn parse(start: usize, end: usize) -> Parse {
-    let Some(eth) = bytes_at(start, end, 0, ETH_HLEN) else {
+fn has_link_header(settings: &Settings) -> bool {
+    settings.flags & SETTINGS_NO_LINK_HEADER == 0
+}
+
+/// The link layer: the ethertype and where the IP header starts.
+#[inline(always)]
+fn link(start: usize, end: usize, l2: bool) -> Option<(u16, usize)> {
+    if !l2 {
+        // An IP-only device (tun, WireGuard): the version nibble says which.
+        // Checked for a whole IPv4 header's 20 bytes (IPv6's is longer): a
+        // one-byte check compiles to a compare the verifier cannot use.
+        let ip = bytes_at(start, end, 0, 20)?;
+        // SAFETY: 20 bytes checked above.
+        let proto = match unsafe { *ip } >> 4 {
+            4 => ETH_P_IP,
+            6 => ETH_P_IPV6,
+            _ => 0,
+        };
+        return Some((proto, 0));
+    }
+    let eth = bytes_at(start, end, 0, ETH_HLEN)?;
+    // SAFETY: 14 bytes checked above.
+    let proto = be16(unsafe { eth.add(12) });
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        let tag = bytes_at(start, end, ETH_HLEN, 4)?;
+        // SAFETY: 4 bytes checked above.
+        return Some((be16(unsafe { tag.add(2) }), ETH_HLEN + 4));
+    }
+    Some((proto, ETH_HLEN))
+}
+
+#[inline(always)]
+fn parse(start: usize, end: usize, l2: bool) -> Parse {
+    let Some((proto, l3)) = link(start, end, l2) else {
         return Parse::Short;
     };
-    // SAFETY: 14 bytes checked above.
-    let mut proto = be16(unsafe { eth.add(12) });
-    let mut l3 = ETH_HLEN;
-    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        let Some(tag) = bytes_at(start, end, ETH_HLEN, 4) else {
-            return Parse::Short;
-        };
-        // SAFETY: 4 bytes checked above.
-        proto = be16(unsafe { tag.add(2) });
-        l3 = ETH_HLEN + 4;
-    }
 
     let l4;
     let is_v4;
