@@ -6,11 +6,17 @@
 //!   the clients saw.
 //! - Killed with SIGKILL, the daemon leaves its program enforcing through the
 //!   pinned link; a restarted daemon reuses that link and the pinned state.
+//! - On a tun interface (no Ethernet header, as WireGuard), SYNs written into
+//!   the device are judged from their IP header: one answered by the kernel's
+//!   TCP stack, one dropped.
 
 mod support;
 
 use std::{
+    fs::File,
+    io::{Read, Write},
     net::SocketAddr,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -357,4 +363,217 @@ fn tc_enforcement_survives_kill_9_and_restart() {
 #[test]
 fn xdp_enforcement_survives_kill_9_and_restart() {
     survives_kill_9_and_restart("xdp");
+}
+
+const TUN_CONFIG: &str = r#"
+[listen]
+addr = "0.0.0.0:{port}"
+
+[kernel]
+interface = "{iface}"
+attach = "{attach}"
+pin_root = "{pin_root}"
+default_class = "open"
+
+[[class]]
+name = "open"
+priority = 0
+
+[[class]]
+name = "shut"
+priority = 3
+deny = true
+
+[[network]]
+cidr = "{net}.64/26"
+class = "shut"
+
+[[backend]]
+name = "local"
+url = "http://{upstream}"
+
+[metrics]
+addr = "{admin}"
+"#;
+
+/// A tun interface this test reads and writes: the device lives as long as
+/// the file (not persistent), so it is gone when the test ends, however.
+struct TunDevice {
+    file: File,
+    name: String,
+}
+
+impl TunDevice {
+    fn open(name: &str) -> std::io::Result<TunDevice> {
+        #[repr(C)]
+        struct IfReq {
+            name: [u8; 16],
+            flags: libc::c_short,
+            _pad: [u8; 22],
+        }
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which IfReq lays out.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(TunDevice {
+            file,
+            name: name.to_string(),
+        })
+    }
+
+    /// The first packet the kernel sends out of the device within `wait`
+    /// that `want` accepts.
+    fn receive(&mut self, wait: Duration, want: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + wait;
+        let mut buf = [0u8; 2048];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let mut poll = libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut poll, 1, left.as_millis().max(1) as i32) } <= 0 {
+                continue;
+            }
+            let n = self.file.read(&mut buf).unwrap();
+            if want(&buf[..n]) {
+                return Some(buf[..n].to_vec());
+            }
+        }
+    }
+}
+
+/// The ones' complement sum of RFC 1071, folded.
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum = 0u32;
+    for part in parts {
+        for pair in part.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += word as u32;
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 TCP SYN with valid checksums (the stack checks them on a tun).
+fn syn_v4(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&src_port.to_be_bytes());
+    tcp.extend_from_slice(&dst_port.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0x30, 0x39, 0, 0, 0, 0]); // seq 12345, ack 0
+    tcp.extend_from_slice(&[5 << 4, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]); // SYN, window
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let c = checksum(&[&pseudo, &tcp]);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    ip
+}
+
+/// Whether `packet` is the SYN-ACK from `server` answering `client`'s SYN.
+fn is_syn_ack(packet: &[u8], server: ([u8; 4], u16), client: ([u8; 4], u16)) -> bool {
+    packet.len() >= 40
+        && packet[0] == 0x45
+        && packet[9] == 6
+        && packet[12..16] == server.0
+        && packet[16..20] == client.0
+        && packet[20..22] == server.1.to_be_bytes()
+        && packet[22..24] == client.1.to_be_bytes()
+        && packet[33] & 0x12 == 0x12
+}
+
+fn ip_only_interface_is_parsed_from_the_ip_header(attach: &str, subnet: u8) {
+    require_kernel!();
+    let name = format!("ktn{}{attach}", std::process::id() % 100_000);
+    let mut tun = match TunDevice::open(&name) {
+        Ok(tun) => tun,
+        Err(e) => {
+            eprintln!("skipped: cannot create a tun device: {e}");
+            return;
+        }
+    };
+    let net = format!("198.18.{subnet}");
+    support::run(
+        "ip",
+        &["addr", "add", &format!("{net}.1/24"), "dev", &tun.name],
+    );
+    support::run("ip", &["link", "set", &tun.name, "up"]);
+    let upstream = Upstream::start();
+    let port = free_port("0.0.0.0");
+    let kedge = Kedge::start(
+        &TUN_CONFIG
+            .replace("{port}", &port.to_string())
+            .replace("{iface}", &tun.name)
+            .replace("{attach}", attach)
+            .replace("{net}", &net)
+            .replace("{upstream}", &upstream.addr.to_string()),
+    );
+    let server = ([198, 18, subnet, 1], port);
+
+    // An open source: the kernel's TCP stack sees the SYN and answers it.
+    let open = ([198, 18, subnet, 2], 40_002);
+    tun.file
+        .write_all(&syn_v4(open.0, server.0, open.1, port))
+        .unwrap();
+    let answered = tun.receive(Duration::from_secs(3), |p| is_syn_ack(p, server, open));
+    assert!(
+        answered.is_some(),
+        "{attach}: no SYN-ACK for the open source"
+    );
+
+    // A denied source: dropped by the program before the stack sees it.
+    let shut = ([198, 18, subnet, 66], 40_066);
+    tun.file
+        .write_all(&syn_v4(shut.0, server.0, shut.1, port))
+        .unwrap();
+    let answered = tun.receive(Duration::from_millis(700), |p| is_syn_ack(p, server, shut));
+    assert!(
+        answered.is_none(),
+        "{attach}: the denied source was answered"
+    );
+
+    let counter = |class: &str, reason: Reason| {
+        kedge.metric(
+            "kedge_kernel_packets_total",
+            &[("class", class), ("verdict", reason.label())],
+        ) as u64
+    };
+    assert_eq!(counter("open", Reason::Admitted), 1);
+    assert_eq!(counter("shut", Reason::Denied), 1);
+    assert_eq!(counter("unclassified", Reason::Malformed), 0);
+}
+
+#[test]
+fn tc_on_a_tun_interface_reads_packets_from_their_ip_header() {
+    ip_only_interface_is_parsed_from_the_ip_header("tc", 251);
+}
+
+#[test]
+fn xdp_on_a_tun_interface_reads_packets_from_their_ip_header() {
+    ip_only_interface_is_parsed_from_the_ip_header("xdp", 252);
 }
