@@ -42,7 +42,7 @@ use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
     sync::{
-        Arc, Condvar, Mutex, MutexGuard,
+        Arc, Condvar, LazyLock, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
         mpsc,
     },
@@ -209,9 +209,31 @@ const HOURS: Level = Level {
 /// `started_ns`'s Unix minute, floored (SQLite's `/` truncates toward zero).
 const MINUTE_OF_STARTED: &str = "(started_ns / 60000000000 - (started_ns % 60000000000 < 0))";
 
-const INSERT: &str = "INSERT INTO usage (request_id, tenant, api_key, route, backend, model,
-    prompt_tokens, completion_tokens, cached_tokens, cost_micros, started_ns, finished_ns)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+/// Rows per INSERT statement: a busy window's rows go in statements of this
+/// many, which spreads a statement's fixed cost (run, reset) over the rows.
+const ROWS_PER_INSERT: usize = 32;
+/// Columns of a `usage` row as written.
+const COLUMNS: usize = 12;
+
+static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_rows(1));
+static INSERT_CHUNK: LazyLock<String> = LazyLock::new(|| insert_rows(ROWS_PER_INSERT));
+
+/// The INSERT of `rows` rows.
+fn insert_rows(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO usage (request_id, tenant, api_key, route, backend, model,
+            prompt_tokens, completion_tokens, cached_tokens, cost_micros, started_ns, finished_ns)
+            VALUES ",
+    );
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..COLUMNS {
+            sql.push_str(if c == 0 { "?" } else { ", ?" });
+        }
+        sql.push(')');
+    }
+    sql
+}
 
 /// Counters of the writer, for `/metrics` and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -631,24 +653,33 @@ fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result
         return Ok(());
     }
     let tx = conn.transaction()?;
-    {
-        let mut insert = tx.prepare_cached(INSERT)?;
-        for r in batch {
-            insert.execute(params![
-                r.request_id,
-                r.tenant,
-                r.api_key,
-                r.route,
-                r.backend,
-                r.model,
-                int(r.usage.prompt_tokens),
-                int(r.usage.completion_tokens),
-                int(r.usage.cached_tokens),
-                int(r.usage.cost_micros),
-                nanos(r.started),
-                nanos(r.finished),
-            ])?;
+    // Full chunks share one statement, the rest go one row at a time: two
+    // cached statements, whatever the batch sizes.
+    let full = batch.len() - batch.len() % ROWS_PER_INSERT;
+    let (chunks, rest) = batch.split_at(full);
+    for rows in chunks.chunks(ROWS_PER_INSERT).chain(rest.chunks(1)) {
+        let sql: &str = if rows.len() == 1 {
+            &INSERT_ONE
+        } else {
+            &INSERT_CHUNK
+        };
+        let mut insert = tx.prepare_cached(sql)?;
+        for (n, r) in rows.iter().enumerate() {
+            let at = n * COLUMNS;
+            insert.raw_bind_parameter(at + 1, &r.request_id)?;
+            insert.raw_bind_parameter(at + 2, &r.tenant)?;
+            insert.raw_bind_parameter(at + 3, &r.api_key)?;
+            insert.raw_bind_parameter(at + 4, &r.route)?;
+            insert.raw_bind_parameter(at + 5, &r.backend)?;
+            insert.raw_bind_parameter(at + 6, &r.model)?;
+            insert.raw_bind_parameter(at + 7, int(r.usage.prompt_tokens))?;
+            insert.raw_bind_parameter(at + 8, int(r.usage.completion_tokens))?;
+            insert.raw_bind_parameter(at + 9, int(r.usage.cached_tokens))?;
+            insert.raw_bind_parameter(at + 10, int(r.usage.cost_micros))?;
+            insert.raw_bind_parameter(at + 11, nanos(r.started))?;
+            insert.raw_bind_parameter(at + 12, nanos(r.finished))?;
         }
+        insert.raw_execute()?;
     }
     let last_id = tx.last_insert_rowid();
     // The batch summed per tenant, key, backend and minute, in this transaction.

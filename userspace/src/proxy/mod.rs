@@ -297,7 +297,7 @@ impl Proxy {
             stream: parsed.stream,
             client_wants_usage: parsed.client_wants_usage,
             max_tokens: parsed.max_tokens,
-            prompt_estimate: tokens::estimate_prompt(endpoint, &parsed.body),
+            prompt_estimate: parsed.prompt_estimate,
             started: Instant::now(),
         };
         let headers = self.upstream_headers(&parts.headers, &ctx);
@@ -437,7 +437,7 @@ impl Proxy {
         let now = Instant::now();
         // Only the score policy weighs task kinds; local_first needs no label.
         let task = if route.cfg.policy == route::PolicyKind::Score {
-            task::classify(ctx.endpoint.label(), &parsed.body, ctx.prompt_estimate)
+            task::classify(ctx.endpoint.label(), &parsed.body(), ctx.prompt_estimate)
         } else {
             task::TaskLabel::unclassified()
         };

@@ -125,9 +125,19 @@ impl Gate {
         let (ticket, mut started) = {
             let mut state = self.shared.lock();
             let ticket = state.scheduler.submit(job, Now::system())?;
+            state.wake(&ticket.started);
+            if ticket.started.contains(&ticket.id) {
+                // Started at once (the backend had room): nothing to wait for.
+                drop(state);
+                return Ok(Permit {
+                    shared: self.shared.clone(),
+                    id: ticket.id,
+                    class: ticket.class,
+                    waited: arrived.elapsed(),
+                });
+            }
             let (tx, rx) = oneshot::channel();
             state.waiters.insert(ticket.id, tx);
-            state.wake(&ticket.started);
             (ticket, rx)
         };
         let mut guard = LeaveOnDrop {

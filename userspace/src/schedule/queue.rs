@@ -78,6 +78,20 @@ impl ClassQueue {
         Some(job)
     }
 
+    /// Serves a job of `tenant` that never waited (nothing was queued in
+    /// this class): the tenant's account moves exactly as if it had been
+    /// pushed and popped.
+    pub fn serve_alone(&mut self, tenant: u32, cost: u64) {
+        debug_assert_eq!(self.len, 0, "only when nothing waits");
+        let flow = self.flows.entry(tenant).or_default();
+        let start = flow.last_finish.max(self.vtime);
+        flow.last_finish = start + cost.max(1) as u128;
+        self.vtime = start;
+        let vtime = self.vtime;
+        self.flows
+            .retain(|_, f| !f.jobs.is_empty() || f.last_finish > vtime);
+    }
+
     /// Takes a job out wherever it waits (its client left or it timed out).
     pub fn remove(&mut self, id: JobId, tenant: u32) -> Option<Waiting> {
         let flow = self.flows.get_mut(&tenant)?;

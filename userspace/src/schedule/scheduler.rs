@@ -59,12 +59,48 @@ pub struct Scheduler {
     limits_minute: Option<i64>,
     classes: Vec<ClassState>,
     policy: PolicyState,
-    jobs: HashMap<JobId, Entry>,
-    tenants_running: HashMap<u32, u32>,
+    jobs: HashMap<JobId, Entry, IdHasher>,
+    tenants_running: HashMap<u32, u32, IdHasher>,
+    /// Reused for the policy's view of in-flight counts (no allocation per job).
+    in_flight_scratch: Vec<u32>,
     in_flight: u32,
     queued: usize,
     next_id: JobId,
     drain: DrainMeter,
+    /// Tests compare the fast path of `submit` with the general one.
+    #[cfg(test)]
+    general_only: bool,
+}
+
+/// Job ids are a counter: a multiply spreads them well enough for the map,
+/// at a fraction of SipHash's cost (every request inserts and removes one).
+#[derive(Clone, Copy, Default)]
+pub(super) struct IdHasher;
+
+impl std::hash::BuildHasher for IdHasher {
+    type Hasher = IdHash;
+    fn build_hasher(&self) -> IdHash {
+        IdHash(0)
+    }
+}
+
+pub(super) struct IdHash(u64);
+
+impl std::hash::Hasher for IdHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
 }
 
 impl Scheduler {
@@ -78,12 +114,15 @@ impl Scheduler {
             guaranteed: Vec::new(),
             limits_minute: None,
             classes: (0..n).map(|_| ClassState::default()).collect(),
-            jobs: HashMap::new(),
-            tenants_running: HashMap::new(),
+            jobs: HashMap::default(),
+            tenants_running: HashMap::default(),
+            in_flight_scratch: Vec::new(),
             in_flight: 0,
             queued: 0,
             next_id: 0,
             drain: DrainMeter::default(),
+            #[cfg(test)]
+            general_only: false,
         };
         s.refresh(now);
         s
@@ -106,6 +145,13 @@ impl Scheduler {
         let id = self.next_id;
         self.next_id += 1;
         let deadline = now.at + self.limits[class].max_wait;
+        #[cfg(test)]
+        let general_only = self.general_only;
+        #[cfg(not(test))]
+        let general_only = false;
+        if self.queued == 0 && !general_only && self.may_start(job.class, job.tenant) {
+            return Ok(self.start_alone(id, job, deadline, now));
+        }
         self.jobs.insert(
             id,
             Entry {
@@ -267,15 +313,71 @@ impl Scheduler {
             let Some(head) = self.policy.choose(&heads, &cx) else {
                 break;
             };
-            self.start(head, now);
+            self.start(head, now, true);
             started.push(head.id);
         }
         started
     }
 
-    fn start(&mut self, head: Head, now: Now) {
+    /// `submit` of a job that may start while nothing waits: what queueing it
+    /// and dispatching would do (the policy sees it as the only head, the
+    /// tenant queue serves it at once), without the queue round trip. This is
+    /// every request's path on a backend that is not saturated.
+    fn start_alone(
+        &mut self,
+        id: JobId,
+        job: Job,
+        deadline: std::time::Instant,
+        now: Now,
+    ) -> Ticket {
+        let head = Head {
+            class: job.class,
+            id,
+            tenant: job.tenant,
+            cost: job.cost,
+            arrived: now.at,
+        };
+        self.jobs.insert(
+            id,
+            Entry {
+                job,
+                deadline,
+                running: false,
+            },
+        );
+        self.policy.backlogged(job.class);
+        let mut in_flight = std::mem::take(&mut self.in_flight_scratch);
+        in_flight.clear();
+        in_flight.extend(self.classes.iter().map(|c| c.in_flight));
+        let cx = Context {
+            now: now.at,
+            plan: &self.plan,
+            limits: &self.limits,
+            in_flight: &in_flight,
+            guaranteed: &self.guaranteed,
+        };
+        let chosen = self.policy.choose(std::slice::from_ref(&head), &cx);
+        self.in_flight_scratch = in_flight;
+        debug_assert!(chosen.is_some_and(|h| h.id == id), "a lone head is chosen");
+        self.classes[job.class as usize]
+            .queue
+            .serve_alone(job.tenant, job.cost);
+        // As if queued and dispatched at once.
+        self.queued += 1;
+        self.start(head, now, false);
+        Ticket {
+            id,
+            class: job.class,
+            deadline,
+            started: vec![id],
+        }
+    }
+
+    fn start(&mut self, head: Head, now: Now, queued: bool) {
         let class = &mut self.classes[head.class as usize];
-        class.queue.pop(head.tenant);
+        if queued {
+            class.queue.pop(head.tenant);
+        }
         class.in_flight += 1;
         class.drain.departed(now.at);
         class.stats.admitted += 1;

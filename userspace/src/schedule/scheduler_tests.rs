@@ -491,3 +491,63 @@ fn a_class_without_a_queue_starts_at_once_or_is_refused() {
     assert_eq!(refused.status(), 429);
     assert_eq!(sim.s.fullness(), vec![0.0]);
 }
+
+/// The fast path of `submit` (a job that may start while nothing waits)
+/// leaves the scheduler exactly where queueing and dispatching would: the
+/// same random traffic through both gives the same starts, rejections,
+/// stats and, through the policies' and tenant queues' accounts, the same
+/// later order, under every policy.
+#[test]
+fn the_fast_path_equals_queueing_and_dispatching() {
+    let configs = [
+        "policy = \"strict\"\nmax_in_flight = 3\nmax_queue = 6\n[aging]\nstep_ms = 50\nmax_boost = 1",
+        "policy = \"wfq\"\nmax_in_flight = 2\n[[class]]\nname = \"low\"\nweight = 3",
+        "policy = \"drr\"\nmax_in_flight = 3\nquantum = 700",
+        "policy = \"at_least\"\ndecay = 0.5\nmax_in_flight = 4",
+        "policy = \"drr\"\nmax_in_flight = 2\n[[tenant]]\nname = \"acme\"\nmax_in_flight = 1",
+    ];
+    for cfg in configs {
+        let mut fast = Sim::new(cfg, THREE);
+        let mut general = Sim::new(cfg, THREE);
+        general.s.general_only = true;
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut fast_path_taken = 0;
+        for _ in 0..3000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            match rng % 7 {
+                0..=2 => {
+                    let (class, tenant, cost) =
+                        ((rng >> 8) % 3, 1 + (rng >> 16) % 3, (rng >> 24) % 5000);
+                    let idle = fast.s.queued == 0;
+                    let a = fast.submit(class as u32, tenant as u32, cost);
+                    let b = general.submit(class as u32, tenant as u32, cost);
+                    assert_eq!(a, b, "{cfg}");
+                    fast_path_taken += (idle && fast.running.back() == a.as_ref().ok()) as u32;
+                }
+                3..=5 if !fast.running.is_empty() => {
+                    let pick = (rng >> 8) as usize % fast.running.len();
+                    let id = fast.running[pick];
+                    fast.finish(id);
+                    general.finish(id);
+                }
+                _ => {
+                    let d = Duration::from_millis((rng >> 8) % 80);
+                    fast.advance(d);
+                    general.advance(d);
+                }
+            }
+            assert_eq!(fast.started, general.started, "{cfg}");
+        }
+        assert_eq!(
+            format!("{:?}", fast.s.stats()),
+            format!("{:?}", general.s.stats()),
+            "{cfg}"
+        );
+        assert!(
+            fast_path_taken > 20,
+            "{cfg}: the fast path ran {fast_path_taken} times"
+        );
+    }
+}

@@ -5,12 +5,16 @@
 //! JSON map to validate it, and forwards the client's own bytes unless it must
 //! edit `model` or `stream_options`.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, ops::Range};
 
 use bytes::Bytes;
 use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, value::RawValue};
+
+use crate::tokens;
+
+mod answer;
 
 /// The endpoints kedge governs (`GET /v1/models` is answered from the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,41 +123,69 @@ impl ApiError {
 pub struct ParsedRequest {
     /// The body as the client sent it.
     pub raw: Bytes,
-    pub body: Map<String, Value>,
     pub model: String,
+    /// Where `model`'s JSON string lies in `raw`, for renaming it in place;
+    /// `None` when the body was read as a tree (a repeated key).
+    model_span: Option<Range<usize>>,
     pub stream: bool,
     /// The client itself asked for `stream_options.include_usage`.
     pub client_wants_usage: bool,
+    /// The body has a `stream_options` member (edited, never duplicated).
+    has_stream_options: bool,
     pub max_tokens: Option<u64>,
+    /// Prompt tokens by kedge's estimate ([`tokens::estimate_prompt`]).
+    pub prompt_estimate: u64,
 }
 
 impl ParsedRequest {
+    /// The whole body as a JSON object, for the few readers that need more
+    /// than the governing fields (the score policy's task classifier).
+    pub fn body(&self) -> Map<String, Value> {
+        serde_json::from_slice(&self.raw).unwrap_or_default()
+    }
+
     /// The body to send upstream: the backend's model name, and a usage
-    /// request on streams when the backend supports one.
+    /// request on streams when the backend supports one. The client's bytes
+    /// go as they came, with the model's string replaced where it lies and
+    /// `stream_options` appended to the object; only a body whose own
+    /// `stream_options` must be edited is re-serialised.
     pub fn upstream_body(&self, upstream_model: &str, ask_usage: bool) -> Bytes {
         let inject = self.stream && ask_usage && !self.client_wants_usage;
-        if upstream_model == self.model {
-            // The common case costs no re-serialisation: the client's bytes go
-            // as they came, or with `stream_options` appended to the object.
-            if !inject {
-                return self.raw.clone();
-            }
-            if !self.body.contains_key("stream_options")
-                && let Some(end) = self.raw.iter().rposition(|b| *b == b'}')
-            {
-                const ASK: &[u8] = br#","stream_options":{"include_usage":true}}"#;
-                let mut out = Vec::with_capacity(end + ASK.len());
-                out.extend_from_slice(&self.raw[..end]);
-                out.extend_from_slice(ASK);
-                return out.into();
-            }
+        let rename = upstream_model != self.model;
+        if !inject && !rename {
+            return self.raw.clone();
         }
-        let mut body = self.body.clone();
+        let end = self.raw.iter().rposition(|b| *b == b'}');
+        if let (Some(end), false) = (end, inject && self.has_stream_options)
+            && (!rename || self.model_span.is_some())
+        {
+            const ASK: &[u8] = br#","stream_options":{"include_usage":true}"#;
+            let mut out = Vec::with_capacity(self.raw.len() + upstream_model.len() + ASK.len());
+            let mut from = 0;
+            if rename && let Some(span) = &self.model_span {
+                out.extend_from_slice(&self.raw[..span.start]);
+                // Writing a string into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut out, upstream_model);
+                from = span.end;
+            }
+            if inject {
+                out.extend_from_slice(&self.raw[from..end]);
+                out.extend_from_slice(ASK);
+                from = end;
+            }
+            out.extend_from_slice(&self.raw[from..]);
+            return out.into();
+        }
+        let mut body = self.body();
         body.insert("model".into(), Value::String(upstream_model.to_string()));
         if inject {
             let opts = body
                 .entry("stream_options")
                 .or_insert_with(|| Value::Object(Map::new()));
+            if !opts.is_object() {
+                // `null` (or junk) there would hide the usage request.
+                *opts = Value::Object(Map::new());
+            }
             if let Value::Object(o) = opts {
                 o.insert("include_usage".into(), Value::Bool(true));
             }
@@ -162,8 +194,198 @@ impl ParsedRequest {
     }
 }
 
+/// The members of a request body kedge reads, borrowed from its bytes; the
+/// rest are skipped (still checked to be valid JSON) without building a tree.
+#[derive(Deserialize)]
+struct RequestView<'a> {
+    #[serde(default, borrow)]
+    model: Member<'a>,
+    #[serde(default, borrow)]
+    messages: Member<'a>,
+    #[serde(default, borrow)]
+    prompt: Member<'a>,
+    #[serde(default, borrow)]
+    input: Member<'a>,
+    #[serde(default, borrow)]
+    stream: Member<'a>,
+    #[serde(default, borrow)]
+    stream_options: Member<'a>,
+    #[serde(default, borrow)]
+    max_completion_tokens: Member<'a>,
+    #[serde(default, borrow)]
+    max_tokens: Member<'a>,
+}
+
+/// A member's raw JSON when the object has it (`null` included).
+#[derive(Default, Clone, Copy)]
+struct Member<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Member<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(d).map(|raw| Member(Some(raw)))
+    }
+}
+
+/// A member's value, as the checks below see it.
+#[derive(Clone, Copy)]
+enum Field<'a> {
+    Absent,
+    Null,
+    Bool(bool),
+    Other(&'a str),
+}
+
+impl<'a> Member<'a> {
+    fn field(self) -> Field<'a> {
+        match self.0.map(RawValue::get) {
+            None => Field::Absent,
+            Some("null") => Field::Null,
+            Some("true") => Field::Bool(true),
+            Some("false") => Field::Bool(false),
+            Some(raw) => Field::Other(raw),
+        }
+    }
+}
+
 /// Parses and validates a request body: 400 with a precise message otherwise.
 pub fn parse_request(endpoint: Endpoint, bytes: Bytes) -> Result<ParsedRequest, ApiError> {
+    // serde would also fill the view from an array, by position.
+    let object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    match serde_json::from_slice::<RequestView>(&bytes) {
+        Ok(view) if object => {
+            let model_span = view.model.0.map(|raw| {
+                let start = raw.get().as_ptr() as usize - bytes.as_ptr() as usize;
+                start..start + raw.get().len()
+            });
+            let input = match endpoint {
+                Endpoint::ChatCompletions => view.messages,
+                Endpoint::Completions => view.prompt,
+                Endpoint::Embeddings => view.input,
+            };
+            let governing = Governing {
+                model: view.model.field(),
+                input: input.field(),
+                stream: view.stream.field(),
+                stream_options: view.stream_options.field(),
+                max_tokens: match view.max_completion_tokens.field() {
+                    Field::Absent => view.max_tokens.field(),
+                    present => present,
+                },
+            };
+            governing.validate(endpoint, bytes.clone(), model_span)
+        }
+        // A repeated member, not an object, or not JSON at all: the tree
+        // decides (the last of a repeated member counts), and names the error.
+        _ => parse_tree(endpoint, bytes),
+    }
+}
+
+/// The governing members of a body, by value class.
+struct Governing<'a> {
+    model: Field<'a>,
+    input: Field<'a>,
+    stream: Field<'a>,
+    stream_options: Field<'a>,
+    max_tokens: Field<'a>,
+}
+
+impl Governing<'_> {
+    fn validate(
+        &self,
+        endpoint: Endpoint,
+        raw: Bytes,
+        model_span: Option<Range<usize>>,
+    ) -> Result<ParsedRequest, ApiError> {
+        let model = match self.model {
+            Field::Other(m) if m.starts_with('"') => serde_json::from_str::<String>(m)
+                .ok()
+                .filter(|m| !m.is_empty()),
+            Field::Absent => {
+                return Err(ApiError::invalid(
+                    "missing_required_parameter",
+                    "you must provide a model parameter".into(),
+                ));
+            }
+            _ => None,
+        }
+        .ok_or_else(|| {
+            ApiError::invalid("invalid_type", "`model` must be a non-empty string".into())
+        })?;
+        let name = endpoint.input_field();
+        let input = match self.input {
+            Field::Absent | Field::Null => {
+                return Err(ApiError::invalid(
+                    "missing_required_parameter",
+                    format!("Missing required parameter: '{name}'"),
+                ));
+            }
+            Field::Bool(true) => "true",
+            Field::Bool(false) => "false",
+            Field::Other(raw) => raw,
+        };
+        if endpoint == Endpoint::ChatCompletions && !input.starts_with('[') {
+            return Err(ApiError::invalid(
+                "invalid_type",
+                "`messages` must be an array".into(),
+            ));
+        }
+        let stream = match self.stream {
+            Field::Absent | Field::Null => false,
+            Field::Bool(true) if !endpoint.streams() => {
+                return Err(ApiError::invalid(
+                    "invalid_value",
+                    format!("{} does not stream", endpoint.path()),
+                ));
+            }
+            Field::Bool(b) => b,
+            Field::Other(_) => {
+                return Err(ApiError::invalid(
+                    "invalid_type",
+                    "`stream` must be a boolean".into(),
+                ));
+            }
+        };
+        let client_wants_usage = match self.stream_options {
+            Field::Other(o) => serde_json::from_str::<Value>(o)
+                .ok()
+                .and_then(|o| o.get("include_usage").and_then(Value::as_bool))
+                .unwrap_or(false),
+            _ => false,
+        };
+        let max_tokens = match self.max_tokens {
+            Field::Absent | Field::Null => None,
+            Field::Bool(_) => Some(None),
+            Field::Other(n) => Some(n.parse::<u64>().ok()),
+        }
+        .map(|n| {
+            n.ok_or_else(|| {
+                ApiError::invalid(
+                    "invalid_type",
+                    "`max_tokens` must be a non-negative integer".into(),
+                )
+            })
+        })
+        .transpose()?;
+        // The input is valid JSON (the body parsed), so the counter cannot fail.
+        let prompt_estimate =
+            tokens::estimate_prompt(endpoint, &mut serde_json::Deserializer::from_str(input))
+                .unwrap_or(0);
+        Ok(ParsedRequest {
+            raw,
+            model,
+            model_span,
+            stream,
+            client_wants_usage,
+            has_stream_options: !matches!(self.stream_options, Field::Absent),
+            max_tokens,
+            prompt_estimate,
+        })
+    }
+}
+
+/// [`parse_request`] through a parsed tree: bodies the borrowed view cannot
+/// take (a member given twice) and the syntax error of bodies that are not JSON.
+fn parse_tree(endpoint: Endpoint, bytes: Bytes) -> Result<ParsedRequest, ApiError> {
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::invalid(
             "invalid_json",
@@ -176,75 +398,36 @@ pub fn parse_request(endpoint: Endpoint, bytes: Bytes) -> Result<ParsedRequest, 
             "The request body must be a JSON object".into(),
         ));
     };
-    let model = match body.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "invalid_type",
-                "`model` must be a non-empty string".into(),
-            ));
+    // Each member re-rendered as JSON text, to go through the same checks.
+    let text = |key: &str| body.get(key).map(Value::to_string);
+    let (model, input, stream, stream_options, max_completion_tokens, max_tokens) = (
+        text("model"),
+        text(endpoint.input_field()),
+        text("stream"),
+        text("stream_options"),
+        text("max_completion_tokens"),
+        text("max_tokens"),
+    );
+    fn field(t: &Option<String>) -> Field<'_> {
+        match t.as_deref() {
+            None => Field::Absent,
+            Some("null") => Field::Null,
+            Some("true") => Field::Bool(true),
+            Some("false") => Field::Bool(false),
+            Some(raw) => Field::Other(raw),
         }
-        None => {
-            return Err(ApiError::invalid(
-                "missing_required_parameter",
-                "you must provide a model parameter".into(),
-            ));
-        }
-    };
-    let input = endpoint.input_field();
-    if body.get(input).is_none_or(Value::is_null) {
-        return Err(ApiError::invalid(
-            "missing_required_parameter",
-            format!("Missing required parameter: '{input}'"),
-        ));
     }
-    if endpoint == Endpoint::ChatCompletions && !body[input].is_array() {
-        return Err(ApiError::invalid(
-            "invalid_type",
-            "`messages` must be an array".into(),
-        ));
-    }
-    let stream = match body.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) if *b && !endpoint.streams() => {
-            return Err(ApiError::invalid(
-                "invalid_value",
-                format!("{} does not stream", endpoint.path()),
-            ));
-        }
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "invalid_type",
-                "`stream` must be a boolean".into(),
-            ));
-        }
+    let governing = Governing {
+        model: field(&model),
+        input: field(&input),
+        stream: field(&stream),
+        stream_options: field(&stream_options),
+        max_tokens: match field(&max_completion_tokens) {
+            Field::Absent => field(&max_tokens),
+            present => present,
+        },
     };
-    let client_wants_usage = body
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let max_tokens = match body
-        .get("max_completion_tokens")
-        .or_else(|| body.get("max_tokens"))
-    {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_u64().ok_or_else(|| {
-            ApiError::invalid(
-                "invalid_type",
-                "`max_tokens` must be a non-negative integer".into(),
-            )
-        })?),
-    };
-    Ok(ParsedRequest {
-        raw: bytes,
-        body,
-        model,
-        stream,
-        client_wants_usage,
-        max_tokens,
-    })
+    governing.validate(endpoint, bytes.clone(), None)
 }
 
 /// Tokens one request consumed, and whether the upstream said so or kedge counted.
@@ -271,10 +454,15 @@ pub struct AnswerFacts {
 
 /// Reads an answer's usage and generated-text size; `None` when it is not JSON.
 ///
-/// A typed view borrowed from the bytes is tried first: serde skips every
-/// other field without building a tree, which is what a stream pays per event.
-/// An answer of an unexpected shape falls back to a full parse.
+/// The one-pass reader in [`answer`] takes the usual shapes; what it finds
+/// unusual goes to serde: a typed view borrowed from the bytes, and for an
+/// answer of an unexpected shape a full parse. All three agree (tested).
 pub fn read_answer(json: &[u8]) -> Option<AnswerFacts> {
+    answer::facts(json).ok().or_else(|| read_answer_serde(json))
+}
+
+/// [`read_answer`] by serde alone: what the fast reader must agree with.
+fn read_answer_serde(json: &[u8]) -> Option<AnswerFacts> {
     if let Ok(view) = serde_json::from_slice::<AnswerView>(json) {
         return Some(view.facts());
     }
@@ -476,6 +664,80 @@ mod tests {
         assert_eq!(
             v["stream_options"],
             serde_json::json!({"x": 1, "include_usage": true})
+        );
+    }
+
+    #[test]
+    fn the_borrowed_view_and_the_tree_agree() {
+        // Every body is read by the view (or, given a member twice, the tree)
+        // and by the tree alone: the same verdict, fields and estimate.
+        for body in [
+            r#"{"model":"m","messages":  [ {"role":"user","content":"hello"} ] }"#,
+            r#"{"model":"m","messages":[],"model":"n","max_tokens":3}"#,
+            r#"{"model":"m","prompt":"abc","stream":null,"max_completion_tokens":null,"max_tokens":9}"#,
+            r#"{"model":"m","prompt":"abc","max_tokens":7.0}"#,
+            r#"{"model":"m","prompt":"abc","max_tokens":-1}"#,
+            r#"{"model":"m","prompt":"abc","max_tokens":"7"}"#,
+            r#"{"model":"m","prompt":false}"#,
+            r#"{"model":"m","prompt":null}"#,
+            r#"{"model":"","prompt":"x"}"#,
+            r#"{"model":null,"prompt":"x"}"#,
+            r#"{"model":"\u006d","prompt":"x","stream":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"model":"m","messages":{"role":"user"}}"#,
+            r#"{"model":"m","messages":[]} trailing"#,
+        ] {
+            for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions] {
+                let bytes = Bytes::copy_from_slice(body.as_bytes());
+                let view = parse_request(endpoint, bytes.clone());
+                let tree = parse_tree(endpoint, bytes);
+                match (view, tree) {
+                    (Ok(v), Ok(t)) => {
+                        let fields = |r: &ParsedRequest| {
+                            (
+                                r.model.clone(),
+                                r.stream,
+                                r.client_wants_usage,
+                                r.max_tokens,
+                                r.prompt_estimate,
+                            )
+                        };
+                        assert_eq!(fields(&v), fields(&t), "{body}");
+                    }
+                    (Err(v), Err(t)) => assert_eq!(v.code, t.code, "{body}"),
+                    (v, t) => panic!("{body}: view {v:?}, tree {t:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_renamed_model_is_replaced_where_it_lies() {
+        let sent = r#"{"messages":[{"role":"user","content":"\"model\": \"m\""}], "model" : "m" ,"stream":true}"#;
+        let r = parse(Endpoint::ChatCompletions, sent).unwrap();
+        let up = r.upstream_body("up/\"q\"", true);
+        let text = std::str::from_utf8(&up).unwrap();
+        assert!(
+            text.starts_with(&sent[..sent.find("\"m\" ,").unwrap()]),
+            "{text}"
+        );
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["model"], "up/\"q\"");
+        assert_eq!(v["messages"][0]["content"], "\"model\": \"m\"");
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        // A `null` stream_options is replaced, not shadowed by a second member.
+        let r = parse(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[],"stream":true,"stream_options":null}"#,
+        )
+        .unwrap();
+        let up = r.upstream_body("m", true);
+        let v: Value = serde_json::from_slice(&up).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(
+            String::from_utf8_lossy(&up)
+                .matches("stream_options")
+                .count(),
+            1
         );
     }
 
