@@ -23,8 +23,8 @@ use crate::{
 /// What an `[[api_key]]` grants. The key itself is never held, only its hash.
 #[derive(Debug)]
 struct KeyGrant {
-    name: String,
-    tenant: String,
+    name: Arc<str>,
+    tenant: Arc<str>,
     class: Option<u32>,
     models: Option<Arc<HashSet<String>>>,
 }
@@ -40,10 +40,12 @@ pub struct Facts<'a> {
 /// The outcome: every later stage reads these.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
-    pub tenant: Option<String>,
+    /// Shared names (cloned into the settlement and the ledger row at the
+    /// cost of a reference count, not a copy).
+    pub tenant: Option<Arc<str>>,
     pub class: u32,
     /// Name of the `[[api_key]]` that authenticated the request.
-    pub api_key: Option<String>,
+    pub api_key: Option<Arc<str>>,
     /// Models the key may use; `None` = all.
     pub models: Option<Arc<HashSet<String>>>,
     /// Tenant/class headers arrived from an untrusted source and were ignored.
@@ -74,19 +76,21 @@ pub struct Classifier {
     tenant_header: String,
     class_header: String,
     class_ids: HashMap<String, u32>,
-    tenant_ids: HashMap<String, u32>,
+    /// Tenant name → its shared name; by id for the kernel's tag.
+    tenants: HashMap<String, Arc<str>>,
+    tenants_by_id: HashMap<u32, Arc<str>>,
     default_class: u32,
 }
 
 /// Attributes gathered so far along the chain.
 #[derive(Default)]
 struct Partial {
-    tenant: Option<String>,
+    tenant: Option<Arc<str>>,
     class: Option<u32>,
 }
 
 impl Partial {
-    fn offer(&mut self, tenant: Option<String>, class: Option<u32>) {
+    fn offer(&mut self, tenant: Option<Arc<str>>, class: Option<u32>) {
         if self.tenant.is_none() {
             self.tenant = tenant;
         }
@@ -105,8 +109,8 @@ impl Classifier {
             .iter()
             .map(|k| {
                 let grant = KeyGrant {
-                    name: k.name.get_ref().clone(),
-                    tenant: k.tenant.get_ref().clone(),
+                    name: k.name.get_ref().as_str().into(),
+                    tenant: k.tenant.get_ref().as_str().into(),
                     class: k.class.as_ref().map(|c| cfg.class_ids[c.get_ref()]),
                     models: k
                         .models
@@ -124,9 +128,23 @@ impl Classifier {
             tenant_header: c.tenant_header.to_ascii_lowercase(),
             class_header: c.class_header.to_ascii_lowercase(),
             class_ids: cfg.class_ids.clone(),
-            tenant_ids: cfg.tenant_ids.clone(),
+            tenants: cfg
+                .tenant_ids
+                .keys()
+                .map(|name| (name.clone(), Arc::from(name.as_str())))
+                .collect(),
+            tenants_by_id: cfg
+                .tenant_ids
+                .iter()
+                .map(|(name, id)| (*id, Arc::from(name.as_str())))
+                .collect(),
             default_class: cfg.default_class,
         }
+    }
+
+    /// The tenant of the kernel's tag (tenant id 0: none).
+    pub fn kernel_tenant(&self, id: u32) -> Option<Arc<str>> {
+        self.tenants_by_id.get(&id).cloned()
     }
 
     /// Headers kedge consumes and must not forward upstream.
@@ -172,9 +190,7 @@ impl Classifier {
                 }
                 ClassifyStep::Kernel => {
                     let (class, tenant_id) = facts.kernel;
-                    let tenant = (tenant_id != 0)
-                        .then(|| self.tenant_name(tenant_id))
-                        .flatten();
+                    let tenant = self.tenants_by_id.get(&tenant_id).cloned();
                     got.offer(tenant, Some(class));
                 }
             }
@@ -219,15 +235,13 @@ impl Classifier {
         }
     }
 
-    fn known_tenant(&self, name: &str) -> Result<String, ApiError> {
-        if self.tenant_ids.contains_key(name) {
-            Ok(name.to_string())
-        } else {
-            Err(ApiError::invalid(
+    fn known_tenant(&self, name: &str) -> Result<Arc<str>, ApiError> {
+        self.tenants.get(name).cloned().ok_or_else(|| {
+            ApiError::invalid(
                 "unknown_tenant",
                 format!("The trusted tenant header names an unknown tenant `{name}`"),
-            ))
-        }
+            )
+        })
     }
 
     fn known_class(&self, name: &str) -> Result<u32, ApiError> {
@@ -237,13 +251,6 @@ impl Classifier {
                 format!("The trusted class header names an unknown class `{name}`"),
             )
         })
-    }
-
-    fn tenant_name(&self, id: u32) -> Option<String> {
-        self.tenant_ids
-            .iter()
-            .find(|(_, v)| **v == id)
-            .map(|(k, _)| k.clone())
     }
 }
 

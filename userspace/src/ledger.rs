@@ -122,13 +122,14 @@ impl LedgerConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageRecord {
     pub request_id: String,
-    pub tenant: String,
+    /// Names are shared with the proxy's config (no copy per request).
+    pub tenant: Arc<str>,
     /// The API key's id, never the secret.
-    pub api_key: Option<String>,
+    pub api_key: Option<Arc<str>>,
     /// The API route, e.g. `/v1/chat/completions`.
-    pub route: String,
-    pub backend: String,
-    pub model: String,
+    pub route: Arc<str>,
+    pub backend: Arc<str>,
+    pub model: Arc<str>,
     pub usage: Usage,
     /// When the budget reservation was taken: the window the usage belongs to.
     pub started: Timestamp,
@@ -667,11 +668,11 @@ fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result
         for (n, r) in rows.iter().enumerate() {
             let at = n * COLUMNS;
             insert.raw_bind_parameter(at + 1, &r.request_id)?;
-            insert.raw_bind_parameter(at + 2, &r.tenant)?;
-            insert.raw_bind_parameter(at + 3, &r.api_key)?;
-            insert.raw_bind_parameter(at + 4, &r.route)?;
-            insert.raw_bind_parameter(at + 5, &r.backend)?;
-            insert.raw_bind_parameter(at + 6, &r.model)?;
+            insert.raw_bind_parameter(at + 2, &*r.tenant)?;
+            insert.raw_bind_parameter(at + 3, r.api_key.as_deref())?;
+            insert.raw_bind_parameter(at + 4, &*r.route)?;
+            insert.raw_bind_parameter(at + 5, &*r.backend)?;
+            insert.raw_bind_parameter(at + 6, &*r.model)?;
             insert.raw_bind_parameter(at + 7, int(r.usage.prompt_tokens))?;
             insert.raw_bind_parameter(at + 8, int(r.usage.completion_tokens))?;
             insert.raw_bind_parameter(at + 9, int(r.usage.cached_tokens))?;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod feedback;
 pub mod gpu;
+pub mod idhash;
 pub mod kernel;
 pub mod ledger;
 pub mod metrics;

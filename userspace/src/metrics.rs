@@ -4,8 +4,10 @@
 //! request ids or keys.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
-    sync::{Arc, Mutex},
+    hash::Hash,
+    sync::{Arc, Mutex, RwLock},
 };
 
 use bytes::Bytes;
@@ -16,10 +18,11 @@ use kedge_common::{GLOBAL_SLOT, REASONS, Reason};
 use prometheus::{
     Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder,
+    core::{MetricVec, MetricVecBuilder},
 };
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{config::Loaded, kernel::KernelEdge, proxy::ProxySlot};
+use crate::{config::Loaded, idhash::IdHasher, kernel::KernelEdge, proxy::ProxySlot};
 
 pub struct Metrics {
     registry: Registry,
@@ -282,11 +285,9 @@ impl Metrics {
         }
     }
 
-    /// Counts one answered request by arm kind and refreshes the local ratio.
-    pub fn served(&self, route: &str, local: bool) {
-        self.route_served
-            .with_label_values(&[route, if local { "local" } else { "cloud" }])
-            .inc();
+    /// Counts one answered request by arm kind in the local ratio (the
+    /// per-route count is the caller's, through its `route_served` children).
+    pub fn count_served(&self, local: bool) {
         let counter = if local {
             &self.served_local
         } else {
@@ -330,6 +331,57 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_default()
+    }
+}
+
+/// Finds a family's child by its label values.
+type Resolver<M> = Box<dyn Fn(&[&str]) -> M + Send + Sync>;
+
+/// The children of one metric family by a key of ids (class, tenant,
+/// backend, status...): prometheus hashes and compares the label strings on
+/// every `with_label_values`, which on the request path costs more than the
+/// increment; here a key is resolved to its child once and found again by a
+/// read-locked lookup of a few integers. Ids mean something only within one
+/// config, so a cache belongs to one `Proxy` and goes with it on reload.
+pub struct Children<K, M> {
+    resolve: Resolver<M>,
+    known: RwLock<HashMap<K, M, IdHasher>>,
+}
+
+impl<K: Copy + Eq + Hash, M> Children<K, M> {
+    pub fn of<T: MetricVecBuilder<M = M> + 'static>(family: &MetricVec<T>) -> Self
+    where
+        M: Send + Sync,
+    {
+        let family = family.clone();
+        Children {
+            resolve: Box::new(move |labels| family.with_label_values(labels)),
+            known: RwLock::new(HashMap::default()),
+        }
+    }
+
+    /// Runs `f` on the child of `key`; `labels` names it the first time.
+    pub fn with<'a, const N: usize, R>(
+        &self,
+        key: K,
+        labels: impl FnOnce() -> [&'a str; N],
+        f: impl FnOnce(&M) -> R,
+    ) -> R {
+        if let Some(child) = self
+            .known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return f(child);
+        }
+        let child = (self.resolve)(&labels());
+        let r = f(&child);
+        self.known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, child);
+        r
     }
 }
 

@@ -16,9 +16,12 @@ use std::{
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::{HeaderMap, Method, header::HeaderValue};
+use hyper::Method;
 
-use crate::{config::Loaded, proxy::upstream};
+use crate::{
+    config::Loaded,
+    proxy::{headers::Forwarded, upstream},
+};
 
 pub struct ProbeOptions {
     pub backend: String,
@@ -118,12 +121,14 @@ async fn run_step(
             let (backend, body) = (backend.clone(), body.clone());
             let (latencies, errors) = (latencies.clone(), errors.clone());
             tokio::spawn(async move {
+                let headers = Forwarded {
+                    lines: b"content-type: application/json\r\n".to_vec(),
+                    authorization: None,
+                };
                 while Instant::now() < deadline {
-                    let mut headers = HeaderMap::new();
-                    headers.insert("content-type", HeaderValue::from_static("application/json"));
                     let t = Instant::now();
                     let ok = match backend
-                        .send(Method::POST, "/v1/chat/completions", headers, body.clone())
+                        .send(Method::POST, "/v1/chat/completions", &headers, body.clone())
                         .await
                     {
                         Ok(resp) => {

@@ -236,7 +236,7 @@ fn a_rebuilt_budget_equals_the_one_that_recorded() {
         ledger.record(UsageRecord {
             request_id: format!("req-{i}"),
             tenant: tenant.into(),
-            api_key: key.map(str::to_owned),
+            api_key: key.map(Arc::from),
             route: "/v1/chat/completions".into(),
             backend: backend.into(),
             model: "m".into(),
@@ -589,7 +589,7 @@ fn random_history(rng: &mut Rng, plan: &RestorePlan, now: Timestamp, n: usize) -
             UsageRecord {
                 request_id: format!("req-{i}"),
                 tenant: tenant.into(),
-                api_key: api_key.map(str::to_owned),
+                api_key: api_key.map(Arc::from),
                 route: "/v1/chat/completions".into(),
                 backend: backend.into(),
                 model: "m".into(),
@@ -774,7 +774,7 @@ fn rebuild_timing_with_a_month_of_rows() {
         batch.push(UsageRecord {
             request_id: format!("req-{i}"),
             tenant: ["a", "b", "c"][rng.below(3) as usize].into(),
-            api_key: [None, Some("bot".to_owned())][rng.below(2) as usize].clone(),
+            api_key: [None, Some(Arc::from("bot"))][rng.below(2) as usize].clone(),
             route: "/v1/chat/completions".into(),
             backend: ["cloud", "local"][rng.below(2) as usize].into(),
             model: "m".into(),

@@ -27,7 +27,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::{
     HeaderMap, Method, Response, StatusCode, Version,
-    header::{self, HeaderName, HeaderValue},
+    header::{HeaderName, HeaderValue},
 };
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::{
@@ -220,16 +220,19 @@ impl Client {
 
     /// Sends one request and reads the answer's head; the body is read as the
     /// caller polls it, and the connection returns to the pool once the body
-    /// has been read to its end. `headers` must not hold `host`,
-    /// `content-length` or hop-by-hop fields.
+    /// has been read to its end. `lines` are rendered header lines
+    /// (`name: value\r\n`) without `host`, `content-length`,
+    /// `authorization` or hop-by-hop fields; the answer's head keeps only its
+    /// end-to-end headers, minus `content-length` (kedge frames its own).
     pub async fn send(
         self: &Arc<Self>,
         method: &Method,
         path: &str,
-        headers: &HeaderMap,
+        lines: &[u8],
+        authorization: Option<&HeaderValue>,
         body: &Bytes,
     ) -> Result<Response<ResponseBody>, Error> {
-        let (head, inline) = self.request_head(method, path, headers, body);
+        let (head, inline) = self.request_head(method, path, lines, authorization, body);
         loop {
             let mut conn = match self.checkout() {
                 Some(conn) => conn,
@@ -251,21 +254,22 @@ impl Client {
         &self,
         method: &Method,
         path: &str,
-        headers: &HeaderMap,
+        lines: &[u8],
+        authorization: Option<&HeaderValue>,
         body: &Bytes,
     ) -> (Vec<u8>, bool) {
         let inline = body.len() <= INLINE_BODY;
-        let mut head = Vec::with_capacity(256 + if inline { body.len() } else { 0 });
+        let mut head = Vec::with_capacity(128 + lines.len() + if inline { body.len() } else { 0 });
         head.extend_from_slice(method.as_str().as_bytes());
         head.push(b' ');
         head.extend_from_slice(path.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         head.extend_from_slice(self.authority.as_bytes());
         head.extend_from_slice(b"\r\n");
-        for (name, value) in headers {
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(lines);
+        if let Some(auth) = authorization {
+            head.extend_from_slice(b"authorization: ");
+            head.extend_from_slice(auth.as_bytes());
             head.extend_from_slice(b"\r\n");
         }
         if !body.is_empty() || method == Method::POST {
@@ -350,12 +354,9 @@ async fn exchange(
         .map_err(|e| Failure::BeforeAnswer(Error::Io(e)))?;
     loop {
         if !conn.read.is_empty() {
-            match parse_head(&conn.read, method).map_err(Failure::Other)? {
-                Some((len, Parsed::Informational)) => conn.read.advance(len),
-                Some((len, Parsed::Final(resp))) => {
-                    conn.read.advance(len);
-                    return Ok(resp);
-                }
+            match parse_head(&mut conn.read, method).map_err(Failure::Other)? {
+                Some(Parsed::Informational) => {}
+                Some(Parsed::Final(resp)) => return Ok(resp),
                 None if conn.read.len() > MAX_HEAD => {
                     return Err(Failure::Other(Error::Protocol("response head too large")));
                 }
@@ -387,8 +388,11 @@ enum Parsed {
     Final(Response<Framing>),
 }
 
-/// The response head at the start of `buf`, if it is all there, and its length.
-fn parse_head(buf: &[u8], method: &Method) -> Result<Option<(usize, Parsed)>, Error> {
+/// Takes the response head off the front of `buf`, if it is all there. The
+/// header values are slices of the head's bytes (no copy); hop-by-hop
+/// headers (RFC 9110 §7.6.1, and those `Connection` names) and
+/// `content-length` only decide the framing and are not kept.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Error> {
     let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut head = httparse::Response::new(&mut lines);
     let len = match head.parse(buf) {
@@ -403,65 +407,107 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Option<(usize, Parsed)>, Er
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(Error::Protocol("upgrade not requested"));
         }
-        return Ok(Some((len, Parsed::Informational)));
-    }
-    let mut headers = HeaderMap::with_capacity(head.headers.len());
-    for h in head.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| Error::Protocol("bad header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| Error::Protocol("bad header value"))?;
-        headers.append(name, value);
+        buf.advance(len);
+        return Ok(Some(Parsed::Informational));
     }
     let version = if head.version == Some(1) {
         Version::HTTP_11
     } else {
         Version::HTTP_10
     };
-    let framing = framing(&headers, status, method, version)?;
+    let framing = framing(head.headers, status, method, version)?;
+    // Where each kept header lies in the head, to slice the frozen bytes.
+    let base = buf.as_ptr() as usize;
+    let mut kept = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let mut n = 0;
+    for h in head.headers.iter() {
+        if is_framing_or_hop(h.name, head.headers) {
+            continue;
+        }
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        kept[n] = (name, name + h.name.len(), value, value + h.value.len());
+        n += 1;
+    }
+    let bytes = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(n);
+    for &(name_start, name_end, value_start, value_end) in &kept[..n] {
+        let name = HeaderName::from_bytes(&bytes[name_start..name_end])
+            .map_err(|_| Error::Protocol("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(value_start..value_end))
+            .map_err(|_| Error::Protocol("bad header value"))?;
+        headers.append(name, value);
+    }
     let mut resp = Response::new(framing);
     *resp.status_mut() = status;
     *resp.version_mut() = version;
     *resp.headers_mut() = headers;
-    Ok(Some((len, Parsed::Final(resp))))
+    Ok(Some(Parsed::Final(resp)))
+}
+
+/// Hop-by-hop names of RFC 9110 §7.6.1, their legacy kin, and the framing
+/// header this hop replaces.
+const NOT_FORWARDED: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// Whether a response header stops at this hop: a fixed one, or one the
+/// `Connection` header names.
+fn is_framing_or_hop(name: &str, all: &[httparse::Header<'_>]) -> bool {
+    NOT_FORWARDED.iter().any(|n| name.eq_ignore_ascii_case(n))
+        || values(all, "connection")
+            .flat_map(|v| v.split(|b| *b == b','))
+            .any(|named| named.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// The values of every `name` header, in order.
+fn values<'a>(
+    all: &'a [httparse::Header<'a>],
+    name: &'a str,
+) -> impl DoubleEndedIterator<Item = &'a [u8]> + 'a {
+    all.iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
 }
 
 /// How the body ends (RFC 9112 §6.3), and whether the connection outlives it.
 fn framing(
-    headers: &HeaderMap,
+    headers: &[httparse::Header<'_>],
     status: StatusCode,
     method: &Method,
     version: Version,
 ) -> Result<Framing, Error> {
-    let close = version == Version::HTTP_10
-        || headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| has_token(v, "close"));
+    let close =
+        version == Version::HTTP_10 || values(headers, "connection").any(|v| has_token(v, "close"));
     let kind = if method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         Kind::Length(0)
-    } else if let Some(last) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
+    } else if let Some(last) = values(headers, "transfer-encoding").next_back() {
         if has_token(last, "chunked") {
             Kind::Chunked(Chunk::Size)
         } else {
             Kind::UntilClose
         }
     } else {
-        let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+        let mut lengths = values(headers, "content-length");
         match lengths.next() {
             None => Kind::UntilClose,
             Some(first) => {
                 if lengths.any(|v| v != first) {
                     return Err(Error::Protocol("conflicting content-length"));
                 }
-                let n = std::str::from_utf8(first.as_bytes())
+                let n = std::str::from_utf8(first)
                     .ok()
                     .and_then(|s| s.trim().parse::<u64>().ok())
                     .ok_or(Error::Protocol("bad content-length"))?;
@@ -476,10 +522,10 @@ fn framing(
 }
 
 /// Whether a comma-separated header value lists `token` (case-insensitively).
-fn has_token(value: &HeaderValue, token: &str) -> bool {
+fn has_token(value: &[u8], token: &str) -> bool {
     value
-        .to_str()
-        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 pub struct Framing {
@@ -770,13 +816,15 @@ mod tests {
     }
 
     async fn post(client: &Arc<Client>) -> Result<(StatusCode, Bytes), Error> {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        let lines = b"content-type: application/json\r\n";
         let resp = client
-            .send(&Method::POST, "/v1/x", &headers, &Bytes::from_static(b"{}"))
+            .send(
+                &Method::POST,
+                "/v1/x",
+                lines,
+                None,
+                &Bytes::from_static(b"{}"),
+            )
             .await?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
@@ -859,12 +907,40 @@ mod tests {
         })
         .await;
         let resp = client
-            .send(&Method::GET, "/", &HeaderMap::new(), &Bytes::new())
+            .send(&Method::GET, "/", b"", None, &Bytes::new())
             .await
             .unwrap();
         drop(resp);
         assert_eq!(post(&client).await.unwrap().1, "abcd");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn the_head_keeps_end_to_end_headers_as_slices() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nx-hop: 1\r\n\
+               Keep-Alive: timeout=5\r\nContent-Length: 2\r\ncontent-type: text/plain\r\n\
+               x-ratelimit-remaining: 7\r\n\r\nok"[..],
+        );
+        let Some(Parsed::Final(resp)) = parse_head(&mut buf, &Method::POST).unwrap() else {
+            panic!("a final head");
+        };
+        let names: Vec<&str> = resp.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-ratelimit-remaining"]);
+        assert_eq!(resp.headers()["x-ratelimit-remaining"], "7");
+        assert!(matches!(resp.body().kind, Kind::Length(2)) && resp.body().keep_alive);
+        assert_eq!(&buf[..], b"ok", "the body's first bytes stay in the buffer");
+        // `Connection: close` ends the connection with the body; so does HTTP/1.0.
+        for head in [
+            &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(head);
+            let Some(Parsed::Final(resp)) = parse_head(&mut buf, &Method::POST).unwrap() else {
+                panic!("a final head");
+            };
+            assert!(!resp.body().keep_alive);
+        }
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
-//! Header handling shared by every request: hop-by-hop stripping (RFC 9110
-//! §7.6.1), the request id, `x-forwarded-for`.
+//! Header handling shared by every request: hop-by-hop filtering (RFC 9110
+//! §7.6.1), the request id, `x-forwarded-for`, and the client's headers
+//! rendered once for the upstream request.
 
 use std::{
     net::IpAddr,
@@ -35,10 +36,118 @@ pub fn request_id(headers: &HeaderMap) -> String {
             .unwrap_or(0)
             ^ (std::process::id() as u64) << 32
     });
-    format!(
-        "kedge-{start:016x}-{:08x}",
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    // `kedge-{start:016x}-{n:08x}`, written without the formatting machinery.
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut id = String::with_capacity(31);
+    id.push_str("kedge-");
+    push_hex(&mut id, start, 16);
+    id.push('-');
+    push_hex(&mut id, n & 0xffff_ffff, 8);
+    id
+}
+
+/// `value` as `digits` lower-case hex digits.
+fn push_hex(out: &mut String, value: u64, digits: u32) {
+    for i in (0..digits).rev() {
+        let nibble = (value >> (i * 4)) & 0xf;
+        out.push(char::from(b"0123456789abcdef"[nibble as usize]));
+    }
+}
+
+/// A peer address as text, formatted once per connection (it is the
+/// `x-forwarded-for` of every request on it).
+#[derive(Clone, Copy)]
+pub struct PeerText {
+    len: u8,
+    /// Long enough for any IPv6 address, IPv4-mapped included.
+    text: [u8; 45],
+}
+
+impl PeerText {
+    pub fn new(ip: IpAddr) -> PeerText {
+        use std::io::Write as _;
+        let mut text = [0u8; 45];
+        let mut out = &mut text[..];
+        // Every IpAddr fits; a failure would leave the text short, not wrong.
+        let _ = write!(out, "{ip}");
+        let len = 45 - out.len();
+        PeerText {
+            len: len as u8,
+            text,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.text[..self.len as usize]
+    }
+}
+
+/// The client's headers as the upstream gets them, rendered once per
+/// request (every attempt of a failover sends the same lines). The client's
+/// `Authorization` is kept apart: a backend with its own key replaces it.
+pub struct Forwarded {
+    /// `name: value\r\n` lines.
+    pub lines: Vec<u8>,
+    pub authorization: Option<HeaderValue>,
+}
+
+impl Forwarded {
+    /// `client`'s end-to-end headers for which `keep` holds, then `extra`
+    /// ones, then `x-forwarded-for` with `peer` appended. Hop-by-hop
+    /// headers, those the `Connection` header names, `host` and
+    /// `content-length` (the upstream request has its own) never pass.
+    pub fn render(
+        client: &HeaderMap,
+        keep: impl Fn(&HeaderName) -> bool,
+        extra: &[(&str, &[u8])],
+        peer: &PeerText,
+    ) -> Forwarded {
+        let named = connection_named(client);
+        let mut lines = Vec::with_capacity(256);
+        let mut authorization = None;
+        let mut forwarded_for: Option<&HeaderValue> = None;
+        for (name, value) in client {
+            if is_hop_by_hop(name)
+                || *name == header::HOST
+                || *name == header::CONTENT_LENGTH
+                || named.contains(name)
+                || !keep(name)
+            {
+                continue;
+            }
+            if *name == header::AUTHORIZATION {
+                authorization = Some(value.clone());
+            } else if name.as_str() == "x-forwarded-for" {
+                // Several lines are one list; the last is appended to below.
+                if let Some(prev) = forwarded_for.replace(value) {
+                    push_line(&mut lines, name.as_str(), prev.as_bytes());
+                }
+            } else {
+                push_line(&mut lines, name.as_str(), value.as_bytes());
+            }
+        }
+        for (name, value) in extra {
+            push_line(&mut lines, name, value);
+        }
+        lines.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(prev) = forwarded_for {
+            lines.extend_from_slice(prev.as_bytes());
+            lines.extend_from_slice(b", ");
+        }
+        lines.extend_from_slice(peer.as_bytes());
+        lines.extend_from_slice(b"\r\n");
+        Forwarded {
+            lines,
+            authorization,
+        }
+    }
+}
+
+fn push_line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The headers a `Connection` header names (hop-by-hop for this connection).
@@ -71,36 +180,18 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || LEGACY_HOP_BY_HOP.contains(&name.as_str())
 }
 
-/// Removes the hop-by-hop headers of RFC 9110 §7.6.1, including those the
-/// `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in connection_named(headers) {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    for name in LEGACY_HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
-
-pub fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn render(h: &HeaderMap, keep: impl Fn(&HeaderName) -> bool) -> (String, Option<HeaderValue>) {
+        let peer = PeerText::new("192.0.2.1".parse().unwrap());
+        let f = Forwarded::render(h, keep, &[("content-type", b"application/json")], &peer);
+        (String::from_utf8(f.lines).unwrap(), f.authorization)
+    }
+
     #[test]
-    fn strips_hop_by_hop_and_connection_named_headers() {
+    fn forwards_end_to_end_headers_only() {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
@@ -112,13 +203,36 @@ mod tests {
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+        h.insert(header::HOST, HeaderValue::from_static("kedge"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        h.insert("x-kedge-tenant", HeaderValue::from_static("t"));
+        h.insert("x-trace", HeaderValue::from_static("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        let (lines, auth) = render(&h, |n| n.as_str() != "x-kedge-tenant");
+        assert_eq!(
+            lines,
+            "x-trace: abc\r\ncontent-type: application/json\r\nx-forwarded-for: 192.0.2.1\r\n"
         );
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key(header::CONTENT_TYPE));
+        assert_eq!(auth.unwrap(), "Bearer k");
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_peer() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.7"));
+        h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        let (lines, _) = render(&h, |_| true);
+        assert!(
+            lines.ends_with(
+                "x-forwarded-for: 198.51.100.7\r\ncontent-type: application/json\r\n\
+                 x-forwarded-for: 203.0.113.9, 192.0.2.1\r\n"
+            ),
+            "{lines}"
+        );
+        let v6 = PeerText::new("::ffff:255.255.255.255".parse().unwrap());
+        assert_eq!(v6.as_bytes(), b"::ffff:255.255.255.255");
+        let long = PeerText::new("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap());
+        assert_eq!(long.as_bytes().len(), 39);
     }
 
     #[test]
@@ -149,15 +263,17 @@ mod tests {
         let a = request_id(&HeaderMap::new());
         let b = request_id(&HeaderMap::new());
         assert!(a.starts_with("kedge-") && a != b);
+        // kedge-<16 hex: process start>-<8 hex: counter>
+        assert_eq!((a.len(), &a[22..23]), (31, "-"), "{a}");
+        assert!(
+            a[6..22]
+                .bytes()
+                .chain(a[23..].bytes())
+                .all(|c| c.is_ascii_hexdigit())
+        );
+        let next = |id: &str| u32::from_str_radix(&id[23..], 16).unwrap();
+        assert!(next(&b) > next(&a));
         h.insert(X_REQUEST_ID, HeaderValue::from_static(""));
         assert!(request_id(&h).starts_with("kedge-"));
-    }
-
-    #[test]
-    fn forwarded_for_appends() {
-        let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "192.0.2.1".parse().unwrap());
-        append_forwarded_for(&mut h, "::1".parse().unwrap());
-        assert_eq!(h["x-forwarded-for"], "192.0.2.1, ::1");
     }
 }

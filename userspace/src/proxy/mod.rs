@@ -13,6 +13,7 @@
 mod charge;
 mod h1;
 pub mod headers;
+mod meters;
 mod server;
 mod stream;
 pub mod tls;
@@ -31,9 +32,11 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited, combinators::BoxB
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode,
     body::Incoming,
-    header::{self, HeaderValue},
+    header::{self, HeaderName, HeaderValue},
 };
 
+use headers::Forwarded;
+use meters::{HeaderValues, ONLY_BACKEND, RequestMeters, tenant_key};
 use server::InFlight;
 pub use server::{ConnInfo, Tags};
 use stream::{Meter, MeteredStream};
@@ -45,7 +48,7 @@ use charge::Charge;
 use crate::{
     budget::{self, Budget, Estimate, Refusal, Subject},
     classify::{Classifier, Facts, Identity},
-    config::{self, Loaded},
+    config::Loaded,
     gpu::GpuSample,
     ledger::{Ledger, UsageRecord},
     metrics::Metrics,
@@ -64,8 +67,12 @@ pub struct Proxy {
     cfg: Arc<Loaded>,
     classifier: Classifier,
     backends: Vec<Backend>,
+    /// Backend names, shared with settlements and ledger rows.
+    backend_names: Vec<Arc<str>>,
     tags: Tags,
     metrics: Arc<Metrics>,
+    meters: RequestMeters,
+    header_values: HeaderValues,
     router: Router,
     budget: Arc<Budget>,
     ledger: Option<Arc<Ledger>>,
@@ -105,8 +112,8 @@ pub struct RequestCtx {
     pub peer: SocketAddr,
     pub identity: Identity,
     pub endpoint: Endpoint,
-    /// The model the client asked for.
-    pub model: String,
+    /// The model the client asked for (the route's shared name when routed).
+    pub model: Arc<str>,
     pub route: Route,
     pub stream: bool,
     pub client_wants_usage: bool,
@@ -133,9 +140,9 @@ pub struct Route {
 /// Labels a request is counted under, refined as the pipeline learns more.
 struct Labels {
     class: u32,
-    tenant: Option<String>,
-    /// `<backend>; reason=<reason>` once routed.
-    route: Option<String>,
+    tenant: Option<Arc<str>>,
+    /// Where it went (`None`: no arm) and why, once routed.
+    route: Option<(Option<usize>, &'static str)>,
 }
 
 impl Proxy {
@@ -157,6 +164,12 @@ impl Proxy {
             .collect();
         Ok(Proxy {
             classifier: Classifier::from_config(&cfg),
+            backend_names: backends
+                .iter()
+                .map(|b| Arc::from(b.name.as_str()))
+                .collect(),
+            header_values: HeaderValues::new(&cfg, &backends),
+            meters: RequestMeters::new(&metrics),
             backends,
             cfg,
             tags,
@@ -173,6 +186,19 @@ impl Proxy {
         &self.cfg
     }
 
+    /// An endpoint's path as the ledger records it (shared, not copied).
+    fn endpoint_name(&self, endpoint: Endpoint) -> Arc<str> {
+        static NAMES: std::sync::LazyLock<[Arc<str>; 3]> = std::sync::LazyLock::new(|| {
+            [
+                Endpoint::ChatCompletions,
+                Endpoint::Completions,
+                Endpoint::Embeddings,
+            ]
+            .map(|e| Arc::from(e.path()))
+        });
+        NAMES[endpoint as usize].clone()
+    }
+
     /// The budget engine (kept across reloads that do not change `[budget]`).
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
@@ -187,7 +213,7 @@ impl Proxy {
     }
 
     async fn handle(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         conn: ConnInfo,
         in_flight: InFlight,
@@ -195,47 +221,48 @@ impl Proxy {
         let request_id = headers::request_id(req.headers());
         let mut labels = Labels {
             class: conn.kernel.0,
-            tenant: self.tenant_name(conn.kernel.1),
+            tenant: self.classifier.kernel_tenant(conn.kernel.1),
             route: None,
         };
         let resp = match self.pipeline(req, conn, &request_id, &mut labels).await {
             Ok(resp) => resp,
             Err(e) => error_response(&e),
         };
-        let class = self.cfg.class_name(labels.class);
-        let tenant = labels.tenant.as_deref().unwrap_or("-");
-        self.metrics
-            .requests
-            .with_label_values(&[class, tenant, resp.status().as_str()])
-            .inc();
+        let (tenant_id, tenant) = tenant_key(labels.tenant.as_deref());
+        let status = resp.status();
+        self.meters.requests.with(
+            (labels.class, tenant_id, status.as_u16()),
+            || [self.cfg.class_name(labels.class), tenant, status.as_str()],
+            |c| c.inc(),
+        );
+        let route_value = labels
+            .route
+            .filter(|_| self.router.cfg.explain_header)
+            .and_then(|(backend, reason)| self.header_values.route(backend, reason));
         tracing::info!(
             request_id = %request_id,
             peer = %conn.peer,
-            class,
+            class = self.cfg.class_name(labels.class),
             tenant,
-            status = resp.status().as_u16(),
-            route = labels.route.as_deref().unwrap_or("-"),
+            status = status.as_u16(),
+            route = %RouteNote(labels.route, &self.backends),
             "request"
         );
         let (mut parts, body) = resp.into_parts();
         let h = &mut parts.headers;
-        if self.router.cfg.explain_header
-            && let Some(v) = labels
-                .route
-                .as_deref()
-                .and_then(|r| HeaderValue::from_str(r).ok())
-        {
+        if let Some(v) = route_value {
             h.insert(headers::X_KEDGE_ROUTE, v);
         }
-        for (name, value) in [
-            (headers::X_REQUEST_ID, request_id.as_str()),
-            (headers::X_KEDGE_CLASS, class),
-            (headers::X_KEDGE_TENANT, tenant),
-        ] {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                h.insert(name, v);
-            }
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            h.insert(headers::X_REQUEST_ID, v);
         }
+        if let Some(v) = self.header_values.class(labels.class) {
+            h.insert(headers::X_KEDGE_CLASS, v);
+        }
+        h.insert(
+            headers::X_KEDGE_TENANT,
+            self.header_values.tenant(labels.tenant.as_deref()),
+        );
         Response::from_parts(
             parts,
             Tracked {
@@ -247,7 +274,7 @@ impl Proxy {
     }
 
     async fn pipeline(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         conn: ConnInfo,
         request_id: &str,
@@ -287,7 +314,7 @@ impl Proxy {
             peer: conn.peer,
             identity,
             endpoint,
-            model: parsed.model.clone(),
+            model: route.map_or_else(|| Arc::from(parsed.model.as_str()), |r| r.name.clone()),
             route: Route {
                 backend: 0,
                 upstream_model: parsed.model.clone(),
@@ -300,11 +327,11 @@ impl Proxy {
             prompt_estimate: parsed.prompt_estimate,
             started: Instant::now(),
         };
-        let headers = self.upstream_headers(&parts.headers, &ctx);
+        let headers = self.upstream_headers(&parts.headers, &ctx.request_id, &conn, true);
         let sent = self
-            .forward(&mut ctx, route, &parsed, headers, labels)
+            .forward(&mut ctx, route, &parsed, &headers, labels)
             .await?;
-        self.respond(ctx, sent).await
+        self.respond(ctx, route, sent).await
     }
 
     /// Stage 1: the classification chain.
@@ -323,7 +350,7 @@ impl Proxy {
             self.metrics.untrusted_headers.inc();
         }
         labels.class = identity.class;
-        labels.tenant = identity.tenant.clone();
+        labels.tenant.clone_from(&identity.tenant);
         Ok(identity)
     }
 
@@ -406,7 +433,7 @@ impl Proxy {
         ctx: &mut RequestCtx,
         route: Option<&RouteRuntime>,
         parsed: &ParsedRequest,
-        headers: HeaderMap,
+        headers: &Forwarded,
         labels: &mut Labels,
     ) -> Result<Sent, ApiError> {
         let output = ctx
@@ -414,7 +441,7 @@ impl Proxy {
             .unwrap_or(*self.cfg.raw.budget.default_output_cap.get_ref());
         let job = Job {
             class: ctx.identity.class,
-            tenant: ctx.identity.tenant.as_deref().map_or(0, config::tenant_id),
+            tenant: tenant_key(ctx.identity.tenant.as_deref()).0,
             cost: ctx.prompt_estimate + output,
         };
         let Some(route) = route else {
@@ -424,7 +451,7 @@ impl Proxy {
             let resp = self
                 .send_to(0, ctx.endpoint, &ctx.route.upstream_model, parsed, headers)
                 .await?;
-            labels.route = Some(format!("{}; reason=only_backend", self.backends[0].name));
+            labels.route = Some((Some(0), ONLY_BACKEND));
             return Ok(Sent {
                 resp,
                 permit,
@@ -469,15 +496,20 @@ impl Proxy {
             cloud_budget_ok: true,
         };
         let plan = route::plan(&route.cfg, &request, &states, route.next_rotation());
-        let model = route.model().to_string();
-        let first = plan
-            .order
-            .first()
-            .map_or("-", |&i| route.arm(i).0.backend.get_ref().as_str());
-        self.metrics
-            .route_decisions
-            .with_label_values(&[&model, first, plan.reason.label()])
-            .inc();
+        let model = route.model();
+        let first = plan.order.first().map(|&i| route.arm(i).1.backend);
+        self.meters.route_decisions.with(
+            (
+                route.index as u32,
+                first.map_or(u32::MAX, |b| b as u32),
+                plan.reason as u8,
+            ),
+            || {
+                let arm = first.map_or("-", |b| self.backends[b].name.as_str());
+                [model, arm, plan.reason.label()]
+            },
+            |c| c.inc(),
+        );
         if plan.order.is_empty() {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -522,7 +554,7 @@ impl Proxy {
             let upstream_model = arm_cfg
                 .upstream_model
                 .clone()
-                .unwrap_or_else(|| model.clone());
+                .unwrap_or_else(|| model.to_string());
             let more = plan.order.len() > attempt + 1 && attempt + 1 < rc.max_attempts as usize;
             let cost = arm_cfg.cost_micros(ctx.prompt_estimate, output);
             let charge = match self.reserve(ctx, backend, cost) {
@@ -531,7 +563,7 @@ impl Proxy {
                     // This arm's pool or price does not fit the budget: the next may.
                     self.metrics
                         .route_failovers
-                        .with_label_values(&[&model, arm_cfg.backend.get_ref(), "budget"])
+                        .with_label_values(&[model, arm_cfg.backend.get_ref(), "budget"])
                         .inc();
                     budget_skipped = true;
                     continue;
@@ -541,13 +573,7 @@ impl Proxy {
             let permit = self.acquire(backend, job).await?;
             let guard = route.begin(arm);
             let outcome = self
-                .send_to(
-                    backend,
-                    ctx.endpoint,
-                    &upstream_model,
-                    parsed,
-                    headers.clone(),
-                )
+                .send_to(backend, ctx.endpoint, &upstream_model, parsed, headers)
                 .await;
             let failure = match outcome {
                 Ok(resp) if more && is_retryable_status(resp.status()) => {
@@ -569,11 +595,7 @@ impl Proxy {
                             // verdict on the request, passed on in OpenAI's shape.
                             route.record(arm, true, Instant::now());
                             drop((permit, guard, charge));
-                            labels.route = Some(format!(
-                                "{}; reason={}",
-                                arm_cfg.backend.get_ref(),
-                                plan.reason.label()
-                            ));
+                            labels.route = Some((Some(backend), plan.reason.label()));
                             return Err(upstream_rejected(status, &body));
                         }
                     }
@@ -603,13 +625,13 @@ impl Proxy {
             route.record(arm, cause == FailoverCause::RateLimited, Instant::now());
             self.metrics
                 .route_failovers
-                .with_label_values(&[&model, arm_cfg.backend.get_ref(), cause.label()])
+                .with_label_values(&[model, arm_cfg.backend.get_ref(), cause.label()])
                 .inc();
             tracing::warn!(route = %model, arm = %arm_cfg.backend.get_ref(), cause = cause.label(), "attempt failed");
             drop((permit, guard, charge));
             last = Some(failure);
         }
-        labels.route = Some(format!("-; reason={}", plan.reason.label()));
+        labels.route = Some((None, plan.reason.label()));
         Err(match last {
             Some(Attempt::Error(e)) if tried == 1 => e,
             Some(last) => ApiError::new(
@@ -647,21 +669,26 @@ impl Proxy {
     ) -> Sent {
         let (arm_cfg, arm_rt) = route.arm(arm);
         let local = arm_cfg.kind == ArmKind::Local;
+        let backend = arm_rt.backend;
         ctx.route = Route {
-            backend: arm_rt.backend,
+            backend,
             upstream_model,
             reason,
             local,
         };
-        self.metrics.served(route.model(), local);
-        self.metrics
-            .first_byte
-            .with_label_values(&[
-                self.cfg.class_name(ctx.identity.class),
-                arm_cfg.backend.get_ref(),
-            ])
-            .observe(ctx.started.elapsed().as_secs_f64());
-        labels.route = Some(format!("{}; reason={reason}", arm_cfg.backend.get_ref()));
+        self.meters.route_served.with(
+            (route.index as u32, local),
+            || [route.model(), if local { "local" } else { "cloud" }],
+            |c| c.inc(),
+        );
+        self.metrics.count_served(local);
+        let class = ctx.identity.class;
+        self.meters.first_byte.with(
+            (class, backend as u32),
+            || [self.cfg.class_name(class), &self.backends[backend].name],
+            |h| h.observe(ctx.started.elapsed().as_secs_f64()),
+        );
+        labels.route = Some((Some(backend), reason));
         Sent {
             resp,
             permit,
@@ -697,23 +724,24 @@ impl Proxy {
     /// Waits for a slot on `backend` per the scheduling policy.
     async fn acquire(&self, backend: usize, job: Job) -> Result<Permit, ApiError> {
         let name = self.backends[backend].name.as_str();
-        let class = self.cfg.class_name(job.class).to_string();
+        let class = self.cfg.class_name(job.class);
         match self.gates[backend].acquire(job).await {
             Ok(permit) => {
-                self.metrics
-                    .queue_wait
-                    .with_label_values(&[name, &class])
-                    .observe(permit.waited().as_secs_f64());
-                self.metrics
+                let key = (backend as u32, job.class);
+                self.meters.queue_wait.with(
+                    key,
+                    || [name, class],
+                    |h| h.observe(permit.waited().as_secs_f64()),
+                );
+                self.meters
                     .queue_admitted
-                    .with_label_values(&[name, &class])
-                    .inc();
+                    .with(key, || [name, class], |c| c.inc());
                 Ok(permit)
             }
             Err(rejection) => {
                 self.metrics
                     .queue_rejected
-                    .with_label_values(&[name, &class, rejection.reason.label()])
+                    .with_label_values(&[name, class, rejection.reason.label()])
                     .inc();
                 let status = StatusCode::from_u16(rejection.status())
                     .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
@@ -744,48 +772,51 @@ impl Proxy {
         endpoint: Endpoint,
         upstream_model: &str,
         parsed: &ParsedRequest,
-        headers: HeaderMap,
+        headers: &Forwarded,
     ) -> Result<Response<UpstreamBody>, ApiError> {
         let b = &self.backends[backend];
         let body = parsed.upstream_body(upstream_model, b.stream_usage);
         b.send(Method::POST, endpoint.path(), headers, body).await
     }
 
-    /// The client's headers, minus what is for kedge or for this hop only.
-    /// Built by copying what passes rather than cloning the whole map and
-    /// removing a dozen names from it (each removal hashes and probes).
-    fn upstream_headers(&self, client: &HeaderMap, ctx: &RequestCtx) -> HeaderMap {
-        let connection_named = headers::connection_named(client);
+    /// The client's headers as every attempt sends them upstream: minus what
+    /// is for kedge (its tenant/class headers, its own API key) or for this
+    /// hop only, with the request id and `x-forwarded-for`; a JSON body's
+    /// `content-type` is kedge's to set.
+    fn upstream_headers(
+        &self,
+        client: &HeaderMap,
+        request_id: &str,
+        conn: &ConnInfo,
+        json_body: bool,
+    ) -> Forwarded {
         let consumed = self.classifier.consumed_headers();
         let owns_authorization = self.classifier.owns_authorization();
-        let mut h = HeaderMap::with_capacity(client.keys_len() + 3);
-        for (name, value) in client {
-            let dropped = headers::is_hop_by_hop(name)
-                || connection_named.contains(name)
-                || consumed.iter().any(|c| name.as_str().eq_ignore_ascii_case(c))
+        let keep = |name: &HeaderName| {
+            !(consumed.iter().any(|c| name.as_str() == *c)
                 || (owns_authorization && name == header::AUTHORIZATION)
                 // kedge reads the answer (usage, SSE): it must arrive uncompressed.
                 || name == header::ACCEPT_ENCODING
-                // Set below.
-                || name == header::CONTENT_TYPE
-                || name == headers::X_REQUEST_ID;
-            if !dropped {
-                h.append(name.clone(), value.clone());
-            }
-        }
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-            h.insert(headers::X_REQUEST_ID, v);
-        }
-        headers::append_forwarded_for(&mut h, ctx.peer.ip());
-        h
+                || (json_body && name == header::CONTENT_TYPE)
+                || name == headers::X_REQUEST_ID)
+        };
+        let request_id = ("x-request-id", request_id.as_bytes());
+        let content_type = ("content-type", &b"application/json"[..]);
+        let extra: &[(&str, &[u8])] = if json_body {
+            &[content_type, request_id]
+        } else {
+            &[request_id]
+        };
+        Forwarded::render(client, keep, extra, &conn.peer_text)
     }
 
     /// Stage 5: the upstream's answer to the client, with its usage read.
-    async fn respond(&self, ctx: RequestCtx, sent: Sent) -> Result<Response<Body>, ApiError> {
+    async fn respond(
+        self: &Arc<Self>,
+        ctx: RequestCtx,
+        route: Option<&RouteRuntime>,
+        sent: Sent,
+    ) -> Result<Response<Body>, ApiError> {
         let Sent {
             resp,
             permit,
@@ -794,22 +825,19 @@ impl Proxy {
             price,
         } = sent;
         let backend = &self.backends[ctx.route.backend];
-        let (mut parts, body) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::CONTENT_LENGTH);
+        // The upstream client keeps end-to-end headers only (and no length).
+        let (parts, body) = resp.into_parts();
         let is_sse = parts
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         let settlement = Settlement {
-            metrics: self.metrics.clone(),
-            class: self.cfg.class_name(ctx.identity.class).to_string(),
-            backend: backend.name.clone(),
+            proxy: self.clone(),
+            route: route.map(|r| r.index),
             ctx,
             charge: Some(charge),
             price,
-            ledger: self.ledger.clone(),
             _slot: permit,
             _arm: arm,
         };
@@ -886,20 +914,11 @@ impl Proxy {
         request_id: &str,
     ) -> Result<Response<Body>, ApiError> {
         if self.cfg.raw.routes.is_empty() {
-            let mut h = client.clone();
-            headers::strip_hop_by_hop(&mut h);
-            if self.classifier.owns_authorization() {
-                h.remove(header::AUTHORIZATION);
-            }
-            if let Ok(v) = HeaderValue::from_str(request_id) {
-                h.insert(headers::X_REQUEST_ID, v);
-            }
-            headers::append_forwarded_for(&mut h, conn.peer.ip());
+            let h = self.upstream_headers(client, request_id, &conn, false);
             let resp = self.backends[0]
-                .send(Method::GET, "/v1/models", h, Bytes::new())
+                .send(Method::GET, "/v1/models", &h, Bytes::new())
                 .await?;
-            let (mut parts, body) = resp.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers);
+            let (parts, body) = resp.into_parts();
             return Ok(Response::from_parts(
                 parts,
                 body.map_err(|e| Box::new(e) as BoxError).boxed(),
@@ -919,11 +938,20 @@ impl Proxy {
         let body = serde_json::json!({"object": "list", "data": data}).to_string();
         Ok(json_response(StatusCode::OK, body))
     }
+}
 
-    fn tenant_name(&self, id: u32) -> Option<String> {
-        (id != 0)
-            .then(|| self.cfg.tenant_name(id).map(str::to_owned))
-            .flatten()
+/// `<backend>; reason=<why>` (or `-`) for the access log.
+struct RouteNote<'a>(Option<(Option<usize>, &'static str)>, &'a [Backend]);
+
+impl std::fmt::Display for RouteNote<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("-"),
+            Some((backend, reason)) => {
+                let name = backend.map_or("-", |b| self.1[b].name.as_str());
+                write!(f, "{name}; reason={reason}")
+            }
+        }
     }
 }
 
@@ -931,13 +959,13 @@ impl Proxy {
 /// completed, failed upstream, or lost its client mid-stream. Metrics and the
 /// usage log line are written here; this is where budgets commit.
 pub struct Settlement {
-    metrics: Arc<Metrics>,
-    class: String,
-    backend: String,
+    /// The proxy the request ran under (its config names the labels).
+    proxy: Arc<Proxy>,
+    /// Position of the request's route, when it was routed.
+    route: Option<usize>,
     pub ctx: RequestCtx,
     charge: Option<Charge>,
     price: (f64, f64),
-    ledger: Option<Arc<Ledger>>,
     /// The backend slot and the arm's in-flight count: released when the
     /// request is settled (a stream holds them to its end).
     _slot: Permit,
@@ -955,31 +983,57 @@ impl Settlement {
             cached_tokens: 0,
             cost_micros,
         };
-        let class_route = [self.class.as_str(), self.ctx.model.as_str()];
-        self.metrics
-            .request_duration
-            .with_label_values(&class_route)
-            .observe(self.ctx.started.elapsed().as_secs_f64());
-        self.metrics
-            .spend
-            .with_label_values(&[
-                self.ctx.identity.tenant.as_deref().unwrap_or("-"),
-                &self.backend,
-            ])
-            .inc_by(cost_micros as f64 / 1e6);
+        let proxy = &*self.proxy;
+        let ctx = &self.ctx;
+        let class_id = ctx.identity.class;
+        let class = proxy.cfg.class_name(class_id);
+        let backend_id = ctx.route.backend;
+        let backend = &proxy.backend_names[backend_id];
+        let (tenant_id, tenant) = tenant_key(ctx.identity.tenant.as_deref());
+        let took = ctx.started.elapsed().as_secs_f64();
+        match self.route {
+            Some(route) => proxy.meters.request_duration.with(
+                (class_id, route as u32),
+                || [class, &ctx.model],
+                |h| h.observe(took),
+            ),
+            // Unrouted models are whatever the client sent: not cached by id.
+            None => proxy
+                .metrics
+                .request_duration
+                .with_label_values(&[class, &ctx.model])
+                .observe(took),
+        }
+        proxy.meters.spend.with(
+            (tenant_id, backend_id as u32),
+            || [tenant, backend],
+            |c| c.inc_by(cost_micros as f64 / 1e6),
+        );
+        for (direction, n) in [(0u8, usage.prompt_tokens), (1, usage.completion_tokens)] {
+            proxy.meters.tokens.with(
+                (direction, class_id, tenant_id),
+                || {
+                    [
+                        if direction == 0 { "input" } else { "output" },
+                        class,
+                        tenant,
+                    ]
+                },
+                |c| c.inc_by(n),
+            );
+        }
         if let Some(charge) = self.charge.take() {
             let started = charge.started();
             charge.commit(spent);
-            if let Some(ledger) = &self.ledger
+            if let Some(ledger) = &proxy.ledger
                 && spent.tokens() > 0
             {
-                let ctx = &self.ctx;
                 ledger.record(UsageRecord {
                     request_id: ctx.request_id.clone(),
-                    tenant: ctx.identity.tenant.clone().unwrap_or_default(),
+                    tenant: ctx.identity.tenant.clone().unwrap_or_else(|| Arc::from("")),
                     api_key: ctx.identity.api_key.clone(),
-                    route: ctx.endpoint.path().to_string(),
-                    backend: self.backend.clone(),
+                    route: proxy.endpoint_name(ctx.endpoint),
+                    backend: backend.clone(),
                     model: ctx.model.clone(),
                     usage: spent,
                     started,
@@ -987,24 +1041,13 @@ impl Settlement {
                 });
             }
         }
-        let ctx = &self.ctx;
-        let tenant = ctx.identity.tenant.as_deref().unwrap_or("-");
-        for (direction, n) in [
-            ("input", usage.prompt_tokens),
-            ("output", usage.completion_tokens),
-        ] {
-            self.metrics
-                .tokens
-                .with_label_values(&[direction, &self.class, tenant])
-                .inc_by(n);
-        }
         tracing::info!(
             request_id = %ctx.request_id,
             tenant,
-            class = %self.class,
+            class,
             api_key = ctx.identity.api_key.as_deref().unwrap_or("-"),
             model = %ctx.model,
-            backend = %self.backend,
+            backend = %backend,
             stream = ctx.stream,
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,

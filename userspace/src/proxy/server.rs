@@ -32,7 +32,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::{Proxy, ProxySlot};
+use super::{Proxy, ProxySlot, headers::PeerText};
 use crate::{cidr::CidrTable, config::Loaded, kernel::TagReader};
 
 /// How a connection's class and tenant are found.
@@ -74,9 +74,11 @@ impl Tags {
 }
 
 /// What is known about a connection when it is accepted.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address as `x-forwarded-for` gives it.
+    pub peer_text: PeerText,
     /// The kernel's (class, tenant id); tenant 0 = none.
     pub kernel: (u32, u32),
 }
@@ -235,6 +237,7 @@ impl ProxySlot {
             let proxy = self.get();
             let info = ConnInfo {
                 peer,
+                peer_text: PeerText::new(peer.ip()),
                 kernel: proxy.tags.tag(&stream, peer.ip()),
             };
             tracing::debug!(%peer, class = proxy.cfg.class_name(info.kernel.0), "accepted");
@@ -296,7 +299,9 @@ async fn serve_conn<T>(
     let svc = service_fn(move |req: hyper::Request<Incoming>| {
         let proxy = proxy.clone();
         let in_flight = conn_activity.begin();
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, info, in_flight).await) }
+        async move {
+            Ok::<_, std::convert::Infallible>(Proxy::handle(&proxy, req, info, in_flight).await)
+        }
     });
     let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
     tokio::pin!(conn);

@@ -9,12 +9,9 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use hyper::{
-    HeaderMap, Method, Response, StatusCode, Uri,
-    header::{self, HeaderValue},
-};
+use hyper::{Method, Response, StatusCode, Uri, header::HeaderValue};
 
-use super::h1;
+use super::{h1, headers::Forwarded};
 use crate::{
     config::{self, Loaded, OnDisconnect},
     openai::{ApiError, Endpoint},
@@ -84,11 +81,12 @@ impl Backend {
     }
 
     /// Sends one request; the response head must arrive within `response_timeout`.
+    /// The backend's own key (`api_key_env`) replaces the client's `Authorization`.
     pub async fn send(
         &self,
         method: Method,
         path: &str,
-        mut headers: HeaderMap,
+        headers: &Forwarded,
         body: Bytes,
     ) -> Result<Response<UpstreamBody>, ApiError> {
         let joined;
@@ -99,12 +97,8 @@ impl Backend {
                 joined.as_str()
             }
         };
-        if let Some(auth) = &self.auth {
-            headers.insert(header::AUTHORIZATION, auth.clone());
-        }
-        headers.remove(header::HOST);
-        headers.remove(header::CONTENT_LENGTH);
-        let sent = self.client.send(&method, path, &headers, &body);
+        let auth = self.auth.as_ref().or(headers.authorization.as_ref());
+        let sent = self.client.send(&method, path, &headers.lines, auth, &body);
         match tokio::time::timeout(self.response_timeout, sent).await {
             Err(_) => Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,

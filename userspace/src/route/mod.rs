@@ -274,6 +274,18 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 9] = [
+        Reason::LocalFirst,
+        Reason::ContextTooLong,
+        Reason::GpuSaturated,
+        Reason::LocalQueueLong,
+        Reason::LocalUnavailable,
+        Reason::CloudBudgetSpent,
+        Reason::CloudOverride,
+        Reason::Score,
+        Reason::NoArm,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Reason::LocalFirst => "local_first",

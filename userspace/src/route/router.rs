@@ -23,6 +23,10 @@ pub struct ArmRuntime {
 }
 
 pub struct RouteRuntime {
+    /// Position in `[[route]]` (a metrics key).
+    pub index: usize,
+    /// The model name, shared with every request routed here.
+    pub name: Arc<str>,
     /// Normalized: the `backend` shorthand is a one-arm list.
     pub cfg: RouteConfig,
     pub arms: Vec<ArmRuntime>,
@@ -54,7 +58,10 @@ impl Router {
     ) -> Router {
         let routes = routes
             .iter()
-            .map(|r| RouteRuntime {
+            .enumerate()
+            .map(|(index, r)| RouteRuntime {
+                index,
+                name: r.model.get_ref().as_str().into(),
                 arms: r
                     .arms
                     .iter()

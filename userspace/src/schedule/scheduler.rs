@@ -11,6 +11,8 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use crate::idhash::IdHasher;
+
 use super::{
     Job, JobId, Now, Rejection,
     config::{BackendPlan, Limits, Plan},
@@ -70,37 +72,6 @@ pub struct Scheduler {
     /// Tests compare the fast path of `submit` with the general one.
     #[cfg(test)]
     general_only: bool,
-}
-
-/// Job ids are a counter: a multiply spreads them well enough for the map,
-/// at a fraction of SipHash's cost (every request inserts and removes one).
-#[derive(Clone, Copy, Default)]
-pub(super) struct IdHasher;
-
-impl std::hash::BuildHasher for IdHasher {
-    type Hasher = IdHash;
-    fn build_hasher(&self) -> IdHash {
-        IdHash(0)
-    }
-}
-
-pub(super) struct IdHash(u64);
-
-impl std::hash::Hasher for IdHash {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
 }
 
 impl Scheduler {
