@@ -1096,7 +1096,7 @@ fn splitmix64(state: &mut u64) -> u64 {
 }
 
 fn monotonic_ns() -> u64 {
-    kedge::kernel::clock_ns(libc::CLOCK_MONOTONIC)
+    kedge::clock::clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 /// The clock the kernel's buckets run on: jiffies (from /proc/timer_list,

@@ -33,7 +33,10 @@ use aya::{
     maps::{Array, LpmTrie, Map, MapData, lpm_trie::Key},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use kedge::kernel::{EdgeMaps, clock_ns, load_unpinned};
+use kedge::{
+    clock::clock_ns,
+    kernel::{EdgeMaps, load_unpinned},
+};
 use kedge_common::{
     Bucket, MAX_CLASSES, NetEntry, Reason, SETTINGS_NO_CLASS_CACHE, Settings, SourceBucket,
     SourceKey, counter_slot, source_bucket_slots,

@@ -434,7 +434,7 @@ impl EdgeMaps {
             _pad: 0,
             memory_used_bytes,
             memory_total_bytes,
-            updated_ns: clock_ns(libc::CLOCK_MONOTONIC),
+            updated_ns: crate::clock::clock_ns(libc::CLOCK_MONOTONIC),
         };
         self.gpu_load
             .set(index, load, 0)
@@ -469,17 +469,6 @@ pub fn tenant_slots(
         }
     }
     Ok(slots)
-}
-
-/// `clock` (`libc::CLOCK_*`) in nanoseconds.
-pub fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer; callers pass clocks Linux always has.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn class_policy(c: &crate::config::Class) -> ClassPolicy {

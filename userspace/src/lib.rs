@@ -8,6 +8,7 @@
 pub mod budget;
 pub mod cidr;
 pub mod classify;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod feedback;

@@ -17,9 +17,9 @@ use crate::openai::Endpoint;
 /// Bytes per token of the estimate (OpenAI's rule of thumb for English).
 const BYTES_PER_TOKEN: u64 = 4;
 /// Tokens of framing around each chat message (role, separators).
-const TOKENS_PER_MESSAGE: u64 = 4;
+pub const TOKENS_PER_MESSAGE: u64 = 4;
 /// Tokens that prime the assistant's reply in chat.
-const TOKENS_REPLY_PRIMER: u64 = 3;
+pub const TOKENS_REPLY_PRIMER: u64 = 3;
 
 /// Estimated tokens of a piece of generated or prompt text.
 pub fn count_text(text: &str) -> u64 {

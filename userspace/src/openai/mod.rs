@@ -15,6 +15,8 @@ use serde_json::{Map, Value, value::RawValue};
 use crate::tokens;
 
 mod answer;
+mod request;
+mod scan;
 
 /// The endpoints kedge governs (`GET /v1/models` is answered from the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,9 +237,10 @@ enum Field<'a> {
     Other(&'a str),
 }
 
-impl<'a> Member<'a> {
-    fn field(self) -> Field<'a> {
-        match self.0.map(RawValue::get) {
+impl<'a> Field<'a> {
+    /// A member's JSON text (`None`: the object does not have it).
+    fn of(raw: Option<&'a str>) -> Field<'a> {
+        match raw {
             None => Field::Absent,
             Some("null") => Field::Null,
             Some("true") => Field::Bool(true),
@@ -247,37 +250,62 @@ impl<'a> Member<'a> {
     }
 }
 
+impl<'a> Member<'a> {
+    fn text(self) -> Option<&'a str> {
+        self.0.map(RawValue::get)
+    }
+}
+
 /// Parses and validates a request body: 400 with a precise message otherwise.
 pub fn parse_request(endpoint: Endpoint, bytes: Bytes) -> Result<ParsedRequest, ApiError> {
+    parse_fast(endpoint, &bytes)
+        .or_else(|| parse_view(endpoint, &bytes))
+        .unwrap_or_else(|| parse_tree(endpoint, bytes))
+}
+
+/// [`parse_request`] through the one-pass reader; `None`: unusual, ask serde.
+fn parse_fast(endpoint: Endpoint, bytes: &Bytes) -> Option<Result<ParsedRequest, ApiError>> {
+    let m = request::members(bytes).ok()?;
+    let input = match endpoint {
+        Endpoint::ChatCompletions => m.messages,
+        Endpoint::Completions => m.prompt,
+        Endpoint::Embeddings => m.input,
+    };
+    let governing = Governing::of(
+        [m.model, input, m.stream, m.stream_options],
+        [m.max_completion_tokens, m.max_tokens],
+    );
+    Some(governing.validate(endpoint, bytes.clone(), m.model_span))
+}
+
+/// [`parse_request`] through serde's borrowed view; `None`: a repeated
+/// member, not an object, or not JSON at all, for the tree to decide (the
+/// last of a repeated member counts) and name the error.
+fn parse_view(endpoint: Endpoint, bytes: &Bytes) -> Option<Result<ParsedRequest, ApiError>> {
     // serde would also fill the view from an array, by position.
-    let object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    match serde_json::from_slice::<RequestView>(&bytes) {
-        Ok(view) if object => {
-            let model_span = view.model.0.map(|raw| {
-                let start = raw.get().as_ptr() as usize - bytes.as_ptr() as usize;
-                start..start + raw.get().len()
-            });
-            let input = match endpoint {
-                Endpoint::ChatCompletions => view.messages,
-                Endpoint::Completions => view.prompt,
-                Endpoint::Embeddings => view.input,
-            };
-            let governing = Governing {
-                model: view.model.field(),
-                input: input.field(),
-                stream: view.stream.field(),
-                stream_options: view.stream_options.field(),
-                max_tokens: match view.max_completion_tokens.field() {
-                    Field::Absent => view.max_tokens.field(),
-                    present => present,
-                },
-            };
-            governing.validate(endpoint, bytes.clone(), model_span)
-        }
-        // A repeated member, not an object, or not JSON at all: the tree
-        // decides (the last of a repeated member counts), and names the error.
-        _ => parse_tree(endpoint, bytes),
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
     }
+    let view = serde_json::from_slice::<RequestView>(bytes).ok()?;
+    let model_span = view.model.0.map(|raw| {
+        let start = raw.get().as_ptr() as usize - bytes.as_ptr() as usize;
+        start..start + raw.get().len()
+    });
+    let input = match endpoint {
+        Endpoint::ChatCompletions => view.messages,
+        Endpoint::Completions => view.prompt,
+        Endpoint::Embeddings => view.input,
+    };
+    let governing = Governing::of(
+        [
+            view.model.text(),
+            input.text(),
+            view.stream.text(),
+            view.stream_options.text(),
+        ],
+        [view.max_completion_tokens.text(), view.max_tokens.text()],
+    );
+    Some(governing.validate(endpoint, bytes.clone(), model_span))
 }
 
 /// The governing members of a body, by value class.
@@ -289,7 +317,25 @@ struct Governing<'a> {
     max_tokens: Field<'a>,
 }
 
-impl Governing<'_> {
+impl<'a> Governing<'a> {
+    /// From the members' JSON text: model, input, stream and stream_options,
+    /// then max_completion_tokens and max_tokens (the first present wins).
+    fn of(
+        [model, input, stream, stream_options]: [Option<&'a str>; 4],
+        [max_completion_tokens, max_tokens]: [Option<&'a str>; 2],
+    ) -> Governing<'a> {
+        Governing {
+            model: Field::of(model),
+            input: Field::of(input),
+            stream: Field::of(stream),
+            stream_options: Field::of(stream_options),
+            max_tokens: match Field::of(max_completion_tokens) {
+                Field::Absent => Field::of(max_tokens),
+                present => present,
+            },
+        }
+    }
+
     fn validate(
         &self,
         endpoint: Endpoint,
@@ -366,10 +412,12 @@ impl Governing<'_> {
             })
         })
         .transpose()?;
-        // The input is valid JSON (the body parsed), so the counter cannot fail.
-        let prompt_estimate =
+        // The input is valid JSON (the body parsed): serde counts only what
+        // the one-pass counter finds unusual, and cannot fail.
+        let prompt_estimate = request::prompt_tokens(endpoint, input).unwrap_or_else(|_| {
             tokens::estimate_prompt(endpoint, &mut serde_json::Deserializer::from_str(input))
-                .unwrap_or(0);
+                .unwrap_or(0)
+        });
         Ok(ParsedRequest {
             raw,
             model,
@@ -408,25 +456,15 @@ fn parse_tree(endpoint: Endpoint, bytes: Bytes) -> Result<ParsedRequest, ApiErro
         text("max_completion_tokens"),
         text("max_tokens"),
     );
-    fn field(t: &Option<String>) -> Field<'_> {
-        match t.as_deref() {
-            None => Field::Absent,
-            Some("null") => Field::Null,
-            Some("true") => Field::Bool(true),
-            Some("false") => Field::Bool(false),
-            Some(raw) => Field::Other(raw),
-        }
-    }
-    let governing = Governing {
-        model: field(&model),
-        input: field(&input),
-        stream: field(&stream),
-        stream_options: field(&stream_options),
-        max_tokens: match field(&max_completion_tokens) {
-            Field::Absent => field(&max_tokens),
-            present => present,
-        },
-    };
+    let governing = Governing::of(
+        [
+            model.as_deref(),
+            input.as_deref(),
+            stream.as_deref(),
+            stream_options.as_deref(),
+        ],
+        [max_completion_tokens.as_deref(), max_tokens.as_deref()],
+    );
     governing.validate(endpoint, bytes.clone(), None)
 }
 
@@ -687,27 +725,121 @@ mod tests {
             r#"{"model":"m","messages":[]} trailing"#,
         ] {
             for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions] {
-                let bytes = Bytes::copy_from_slice(body.as_bytes());
-                let view = parse_request(endpoint, bytes.clone());
-                let tree = parse_tree(endpoint, bytes);
-                match (view, tree) {
-                    (Ok(v), Ok(t)) => {
-                        let fields = |r: &ParsedRequest| {
-                            (
-                                r.model.clone(),
-                                r.stream,
-                                r.client_wants_usage,
-                                r.max_tokens,
-                                r.prompt_estimate,
-                            )
-                        };
-                        assert_eq!(fields(&v), fields(&t), "{body}");
-                    }
-                    (Err(v), Err(t)) => assert_eq!(v.code, t.code, "{body}"),
-                    (v, t) => panic!("{body}: view {v:?}, tree {t:?}"),
-                }
+                assert_paths_agree(endpoint, body.as_bytes());
             }
         }
+    }
+
+    /// Every reader that takes `body` gives the tree's verdict, fields and
+    /// estimate; returns whether the one-pass reader took it.
+    fn assert_paths_agree(endpoint: Endpoint, body: &[u8]) -> bool {
+        let bytes = Bytes::copy_from_slice(body);
+        let tree = parse_tree(endpoint, bytes.clone());
+        let fields = |r: &ParsedRequest| {
+            (
+                r.model.clone(),
+                r.stream,
+                r.client_wants_usage,
+                r.max_tokens,
+                r.prompt_estimate,
+                r.has_stream_options,
+            )
+        };
+        let show = String::from_utf8_lossy(body);
+        let fast = parse_fast(endpoint, &bytes);
+        for (name, other) in [("fast", &fast), ("view", &parse_view(endpoint, &bytes))] {
+            match (other, &tree) {
+                (None, _) => {}
+                (Some(Ok(o)), Ok(t)) => assert_eq!(fields(o), fields(t), "{name}: {show}"),
+                (Some(Err(o)), Err(t)) => assert_eq!(o.code, t.code, "{name}: {show}"),
+                (Some(o), t) => panic!("{name}: {show}: {o:?}, tree {t:?}"),
+            }
+        }
+        fast.is_some()
+    }
+
+    /// Random request bodies around the governing members, and random
+    /// damage to them: the three readers agree wherever they read.
+    #[test]
+    fn random_requests_read_alike() {
+        let mut rng = 0x5851_f42d_4c95_7f2du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        const KEYS: [&str; 11] = [
+            "model",
+            "messages",
+            "prompt",
+            "stream",
+            "stream_options",
+            "max_tokens",
+            "max_completion_tokens",
+            "content",
+            "name",
+            "text",
+            "include_usage",
+        ];
+        const VALUES: [&str; 12] = [
+            "\"m\"",
+            "\"\"",
+            "null",
+            "true",
+            "false",
+            "7",
+            "-2",
+            "1.5",
+            "\"\\u00e9x\"",
+            "[]",
+            "{}",
+            "[\"ab\",3]",
+        ];
+        fn value(next: &mut impl FnMut() -> u64, out: &mut String, depth: u32) {
+            match next() % 6 {
+                0 | 1 if depth < 4 => {
+                    out.push('{');
+                    for i in 0..next() % 4 {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        out.push_str(&format!("\"{}\":", KEYS[(next() % 11) as usize]));
+                        value(next, out, depth + 1);
+                    }
+                    out.push('}');
+                }
+                2 if depth < 4 => {
+                    out.push('[');
+                    for i in 0..next() % 3 {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        value(next, out, depth + 1);
+                    }
+                    out.push(']');
+                }
+                _ => out.push_str(VALUES[(next() % 12) as usize]),
+            }
+        }
+        let mut fast = 0;
+        for _ in 0..20_000 {
+            let mut doc = String::from("{\"model\":\"m\"");
+            for _ in 0..next() % 5 {
+                doc.push_str(&format!(",\"{}\":", KEYS[(next() % 7) as usize]));
+                value(&mut next, &mut doc, 1);
+            }
+            doc.push('}');
+            let mut bytes = doc.into_bytes();
+            if next().is_multiple_of(4) {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] = b"{}[],:\" 0-"[(next() % 10) as usize];
+            }
+            let endpoint =
+                [Endpoint::ChatCompletions, Endpoint::Completions][(next() % 2) as usize];
+            fast += assert_paths_agree(endpoint, &bytes) as u32;
+        }
+        assert!(fast > 5_000, "the one-pass reader took only {fast} bodies");
     }
 
     #[test]

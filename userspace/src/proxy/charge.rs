@@ -8,6 +8,7 @@ use jiff::Timestamp;
 
 use crate::{
     budget::{self, Budget, Estimate, Refusal, Reservation, Subject},
+    clock::coarse_timestamp,
     openai::ApiError,
 };
 
@@ -22,7 +23,7 @@ impl Charge {
         subject: Subject<'_>,
         estimate: Estimate,
     ) -> Result<Charge, Box<Refusal>> {
-        let reservation = budget.reserve(subject, estimate, Timestamp::now())?;
+        let reservation = budget.reserve(subject, estimate, coarse_timestamp())?;
         Ok(Charge {
             budget: budget.clone(),
             reservation: Some(reservation),
@@ -33,14 +34,14 @@ impl Charge {
     pub fn started(&self) -> Timestamp {
         self.reservation
             .as_ref()
-            .map_or_else(Timestamp::now, |r| r.started())
+            .map_or_else(coarse_timestamp, |r| r.started())
     }
 
     /// Replaces the estimate with what was used (all of it, or what a cancelled
     /// stream got to).
     pub fn commit(mut self, usage: budget::Usage) {
         if let Some(r) = self.reservation.take() {
-            let s = self.budget.commit(r, usage, Timestamp::now());
+            let s = self.budget.commit(r, usage, coarse_timestamp());
             if s.excess_tokens > 0 || s.excess_micros > 0 {
                 tracing::info!(
                     excess_tokens = s.excess_tokens,
@@ -55,7 +56,7 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         if let Some(r) = self.reservation.take() {
-            self.budget.rollback(r, Timestamp::now());
+            self.budget.rollback(r, coarse_timestamp());
         }
     }
 }

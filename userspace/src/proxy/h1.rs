@@ -17,6 +17,7 @@
 use std::{
     fmt,
     io::{self, Write as _},
+    mem::MaybeUninit,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll, Waker, ready},
@@ -287,7 +288,9 @@ impl Client {
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((mut conn, since)) = idle.pop() {
-            if since.elapsed() < IDLE_TIMEOUT && !conn.looks_closed() {
+            if crate::clock::coarse_instant().saturating_duration_since(since) < IDLE_TIMEOUT
+                && !conn.looks_closed()
+            {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -298,7 +301,7 @@ impl Client {
     fn checkin(&self, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, crate::clock::coarse_instant()));
         }
     }
 
@@ -393,9 +396,12 @@ enum Parsed {
 /// headers (RFC 9110 §7.6.1, and those `Connection` names) and
 /// `content-length` only decide the framing and are not kept.
 fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Error> {
-    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut head = httparse::Response::new(&mut lines);
-    let len = match head.parse(buf) {
+    // Uninitialised slots: zeroing 128 of them would cost more than the parse.
+    let mut lines = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut head = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut head, buf, &mut lines);
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Error::Protocol("too many headers")),
@@ -418,20 +424,19 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     let framing = framing(head.headers, status, method, version)?;
     // Where each kept header lies in the head, to slice the frozen bytes.
     let base = buf.as_ptr() as usize;
-    let mut kept = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let mut n = 0;
-    for h in head.headers.iter() {
-        if is_framing_or_hop(h.name, head.headers) {
-            continue;
-        }
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        kept[n] = (name, name + h.name.len(), value, value + h.value.len());
-        n += 1;
-    }
+    let kept: Vec<_> = head
+        .headers
+        .iter()
+        .filter(|h| !is_framing_or_hop(h.name, head.headers))
+        .map(|h| {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            (name, name + h.name.len(), value, value + h.value.len())
+        })
+        .collect();
     let bytes = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(n);
-    for &(name_start, name_end, value_start, value_end) in &kept[..n] {
+    let mut headers = HeaderMap::with_capacity(kept.len());
+    for &(name_start, name_end, value_start, value_end) in &kept {
         let name = HeaderName::from_bytes(&bytes[name_start..name_end])
             .map_err(|_| Error::Protocol("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(value_start..value_end))

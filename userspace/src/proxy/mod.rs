@@ -461,7 +461,7 @@ impl Proxy {
             });
         };
 
-        let now = Instant::now();
+        let now = crate::clock::coarse_instant();
         // Only the score policy weighs task kinds; local_first needs no label.
         let task = if route.cfg.policy == route::PolicyKind::Score {
             task::classify(ctx.endpoint.label(), &parsed.body(), ctx.prompt_estimate)
@@ -534,7 +534,7 @@ impl Proxy {
             .take(rc.max_attempts.max(1) as usize)
         {
             if attempt > 0 {
-                if !route.try_retry(Instant::now()) {
+                if !route.try_retry(crate::clock::coarse_instant()) {
                     break;
                 }
                 let wait = breaker::backoff(
@@ -545,7 +545,7 @@ impl Proxy {
                 );
                 tokio::time::sleep(wait).await;
             }
-            if !route.breaker_allows(arm, Instant::now()) {
+            if !route.breaker_allows(arm, crate::clock::coarse_instant()) {
                 continue;
             }
             tried += 1;
@@ -593,7 +593,7 @@ impl Proxy {
                         None => {
                             // Not ours to retry (e.g. a plain 400): the upstream's
                             // verdict on the request, passed on in OpenAI's shape.
-                            route.record(arm, true, Instant::now());
+                            route.record(arm, true, crate::clock::coarse_instant());
                             drop((permit, guard, charge));
                             labels.route = Some((Some(backend), plan.reason.label()));
                             return Err(upstream_rejected(status, &body));
@@ -601,7 +601,11 @@ impl Proxy {
                     }
                 }
                 Ok(resp) => {
-                    route.record(arm, !resp.status().is_server_error(), Instant::now());
+                    route.record(
+                        arm,
+                        !resp.status().is_server_error(),
+                        crate::clock::coarse_instant(),
+                    );
                     let reason = if budget_skipped {
                         "cloud_budget_spent"
                     } else {
@@ -622,7 +626,11 @@ impl Proxy {
             };
             let cause = failure.cause();
             // A 429 says "slow down", not "broken": it does not trip the breaker.
-            route.record(arm, cause == FailoverCause::RateLimited, Instant::now());
+            route.record(
+                arm,
+                cause == FailoverCause::RateLimited,
+                crate::clock::coarse_instant(),
+            );
             self.metrics
                 .route_failovers
                 .with_label_values(&[model, arm_cfg.backend.get_ref(), cause.label()])
@@ -1037,7 +1045,7 @@ impl Settlement {
                     model: ctx.model.clone(),
                     usage: spent,
                     started,
-                    finished: jiff::Timestamp::now(),
+                    finished: crate::clock::coarse_timestamp(),
                 });
             }
         }

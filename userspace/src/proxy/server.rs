@@ -33,7 +33,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use super::{Proxy, ProxySlot, headers::PeerText};
-use crate::{cidr::CidrTable, config::Loaded, kernel::TagReader};
+use crate::{cidr::CidrTable, clock, config::Loaded, kernel::TagReader};
 
 /// How a connection's class and tenant are found.
 pub enum Tags {
@@ -84,25 +84,25 @@ pub struct ConnInfo {
 }
 
 /// When a connection last moved bytes, and how many requests it has open.
+/// Stamped on every read and write, so by the coarse clock (a tick is far
+/// below any idle timeout).
 #[derive(Default)]
 pub struct Activity {
-    started: std::sync::OnceLock<Instant>,
+    /// [`clock::coarse_ms`] of the last read or write.
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
 }
 
 impl Activity {
-    fn origin(&self) -> Instant {
-        *self.started.get_or_init(Instant::now)
-    }
-
     fn touch(&self) {
-        let ms = self.origin().elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(clock::coarse_ms(), Ordering::Relaxed);
     }
 
-    fn last(&self) -> Instant {
-        self.origin() + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    /// How long the connection has been quiet.
+    fn quiet(&self) -> Duration {
+        Duration::from_millis(
+            clock::coarse_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed)),
+        )
     }
 
     /// Marks a request open until the returned guard is dropped.
@@ -310,7 +310,7 @@ async fn serve_conn<T>(
         let deadline = if activity.in_flight.load(Ordering::Relaxed) > 0 {
             Instant::now() + limits.idle
         } else {
-            activity.last() + limits.idle
+            Instant::now() + limits.idle.saturating_sub(activity.quiet())
         };
         tokio::select! {
             r = &mut conn => {
@@ -320,7 +320,7 @@ async fn serve_conn<T>(
                 return;
             }
             _ = tokio::time::sleep_until(deadline) => {
-                let idle = activity.last().elapsed() >= limits.idle;
+                let idle = activity.quiet() >= limits.idle;
                 if idle && activity.in_flight.load(Ordering::Relaxed) == 0 {
                     tracing::debug!(peer = %info.peer, "closing an idle connection");
                     return;

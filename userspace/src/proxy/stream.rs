@@ -152,7 +152,7 @@ impl MeteredStream {
             meter,
             out: VecDeque::new(),
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
-            last_frame: Instant::now(),
+            last_frame: Instant::from_std(crate::clock::coarse_instant()),
             idle_timeout,
             on_disconnect,
             settlement: Some(settlement),
@@ -211,7 +211,8 @@ impl HttpBody for MeteredStream {
         while let Some(upstream) = this.upstream.as_mut() {
             match Pin::new(upstream).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    this.last_frame = Instant::now();
+                    // A tick's precision is plenty for an idle timeout of seconds.
+                    this.last_frame = Instant::from_std(crate::clock::coarse_instant());
                     if let Ok(data) = frame.into_data()
                         && let Err(e) = this.meter.observe(&data, &mut this.out)
                     {

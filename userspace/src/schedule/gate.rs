@@ -121,8 +121,7 @@ impl Gate {
     /// Waits for a slot. Rejected at once when the queue is full, or at the
     /// class's max wait. Cancel-safe: dropping the future leaves the queue.
     pub async fn acquire(&self, job: Job) -> Result<Permit, Rejection> {
-        let arrived = Instant::now();
-        let (ticket, mut started) = {
+        let (ticket, mut started, arrived) = {
             let mut state = self.shared.lock();
             let ticket = state.scheduler.submit(job, Now::system())?;
             state.wake(&ticket.started);
@@ -133,12 +132,12 @@ impl Gate {
                     shared: self.shared.clone(),
                     id: ticket.id,
                     class: ticket.class,
-                    waited: arrived.elapsed(),
+                    waited: Duration::ZERO,
                 });
             }
             let (tx, rx) = oneshot::channel();
             state.waiters.insert(ticket.id, tx);
-            (ticket, rx)
+            (ticket, rx, Instant::now())
         };
         let mut guard = LeaveOnDrop {
             shared: &self.shared,

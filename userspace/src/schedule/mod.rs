@@ -132,10 +132,12 @@ pub struct Now {
 }
 
 impl Now {
+    /// The wall clock to a tick (time windows have minute resolution); the
+    /// monotonic one precise, since a max wait is a promise to the client.
     pub fn system() -> Now {
         Now {
             at: Instant::now(),
-            wall: Timestamp::now(),
+            wall: crate::clock::coarse_timestamp(),
         }
     }
 }
