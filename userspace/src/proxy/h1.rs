@@ -612,10 +612,8 @@ impl Framing {
                         return Ok(Step::More);
                     };
                     let size = line[..].split(|b| *b == b';').next().unwrap_or_default();
-                    let size = std::str::from_utf8(size)
-                        .ok()
-                        .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
-                        .ok_or(Error::Protocol("bad chunk size"))?;
+                    let size =
+                        chunk_size(size.trim_ascii()).ok_or(Error::Protocol("bad chunk size"))?;
                     self.kind = Kind::Chunked(if size == 0 {
                         Chunk::Trailers
                     } else {
@@ -647,6 +645,17 @@ impl Framing {
             ))),
         }
     }
+}
+
+/// A chunk-size line's hex digits (a streamed answer has one per event).
+fn chunk_size(hex: &[u8]) -> Option<u64> {
+    if hex.is_empty() || hex.len() > 15 {
+        return None;
+    }
+    hex.iter().try_fold(0u64, |n, c| {
+        let d = (*c as char).to_digit(16)?;
+        Some(n << 4 | u64::from(d))
+    })
 }
 
 /// One CRLF-terminated line off the front of `buf` (without the CRLF).
@@ -918,6 +927,16 @@ mod tests {
         drop(resp);
         assert_eq!(post(&client).await.unwrap().1, "abcd");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex_with_bounds() {
+        assert_eq!(chunk_size(b"0"), Some(0));
+        assert_eq!(chunk_size(b"1aF"), Some(0x1af));
+        assert_eq!(chunk_size(b"fffffffffffffff"), Some(0xfff_ffff_ffff_ffff));
+        for bad in [&b""[..], b"g", b"-1", b"+1", b"1 2", b"ffffffffffffffff"] {
+            assert_eq!(chunk_size(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]
