@@ -11,7 +11,10 @@ use std::{
     sync::Arc,
 };
 
-use hyper::{HeaderMap, StatusCode, header};
+use hyper::{
+    HeaderMap, StatusCode,
+    header::{self, HeaderName},
+};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -73,8 +76,9 @@ pub struct Classifier {
     /// Lower-case hex SHA-256 of the key → grant.
     keys: HashMap<String, KeyGrant>,
     trusted: Vec<Cidr>,
-    tenant_header: String,
-    class_header: String,
+    /// Parsed once (validated by the config): a lookup by name costs a parse.
+    tenant_header: HeaderName,
+    class_header: HeaderName,
     class_ids: HashMap<String, u32>,
     /// Tenant name → its shared name; by id for the kernel's tag.
     tenants: HashMap<String, Arc<str>>,
@@ -125,8 +129,8 @@ impl Classifier {
             require_key: c.require_api_key,
             keys,
             trusted: c.trusted_cidrs.iter().map(|c| *c.get_ref()).collect(),
-            tenant_header: c.tenant_header.to_ascii_lowercase(),
-            class_header: c.class_header.to_ascii_lowercase(),
+            tenant_header: header_name(&c.tenant_header),
+            class_header: header_name(&c.class_header),
             class_ids: cfg.class_ids.clone(),
             tenants: cfg
                 .tenant_ids
@@ -148,7 +152,7 @@ impl Classifier {
     }
 
     /// Headers kedge consumes and must not forward upstream.
-    pub fn consumed_headers(&self) -> [&str; 2] {
+    pub fn consumed_headers(&self) -> [&HeaderName; 2] {
         [&self.tenant_header, &self.class_header]
     }
 
@@ -254,7 +258,14 @@ impl Classifier {
     }
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// A configured header name (checked by the config loader; an invalid one
+/// names no header a client can send).
+fn header_name(name: &str) -> HeaderName {
+    HeaderName::from_bytes(name.as_bytes())
+        .unwrap_or_else(|_| HeaderName::from_static("x-kedge-invalid-header-name"))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())

@@ -112,6 +112,71 @@ fn ensure_nginx() -> Result<PathBuf> {
     Ok(nginx)
 }
 
+/// Rounds per cell in a full run (each target once per round).
+const ROUNDS: usize = 5;
+
+/// One run of `kedge-load` against `port`, with the CPU time `pids` spent.
+fn measure(
+    bin: &Path,
+    port: u16,
+    pids: &[u32],
+    concurrency: usize,
+    stream: bool,
+    seconds: f64,
+) -> Result<Value> {
+    let cpu_before: u64 = pids.iter().map(|p| cpu_us(*p)).sum();
+    let mut load = pinned("0", &bin.join("kedge-load"));
+    load.args([
+        "--url",
+        &format!("http://127.0.0.1:{port}/v1/chat/completions"),
+    ])
+    .args(["--concurrency", &concurrency.to_string()])
+    .args(["--duration-s", &seconds.to_string(), "--max-tokens", "16"]);
+    if stream {
+        load.arg("--stream");
+    }
+    let out = load.output().context("running kedge-load")?;
+    let mut result: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "kedge-load output: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let cpu = pids.iter().map(|p| cpu_us(*p)).sum::<u64>() - cpu_before;
+    let served = result["ok"].as_u64().unwrap_or(0).max(1);
+    result["cpu_us_per_request"] = json!(cpu as f64 / served as f64);
+    Ok(result)
+}
+
+/// The runs of one target in one cell as one result: the median of each
+/// figure (throughput, p50, p99, CPU) and the sums of the counts, so a
+/// single disturbed round neither makes nor breaks a ratio.
+fn median_of(runs: &[Value]) -> Value {
+    let median = |f: &dyn Fn(&Value) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let sum = |key: &str| {
+        runs.iter()
+            .map(|r| r[key].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    json!({
+        "throughput_rps": median(&|r| r["throughput_rps"].as_f64().unwrap_or(0.0)),
+        "latency_ms": {
+            "p50": median(&|r| r["latency_ms"]["p50"].as_f64().unwrap_or(0.0)),
+            "p99": median(&|r| r["latency_ms"]["p99"].as_f64().unwrap_or(0.0)),
+        },
+        "cpu_us_per_request": median(&|r| r["cpu_us_per_request"].as_f64().unwrap_or(0.0)),
+        "ok": sum("ok"),
+        "responses": sum("responses"),
+        "connect_failures": sum("connect_failures"),
+        "timeouts": sum("timeouts"),
+        "other_errors": sum("other_errors"),
+    })
+}
+
 /// `bin`: the directory holding kedge, kedge-sim and kedge-load.
 pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     let concurrencies: &[usize] = if smoke { &[1, 16] } else { &[1, 16, 64] };
@@ -190,9 +255,9 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     let kedge = start_kedge(bin, &kedge_conf, &work, kedge_port)?;
     let kedge_idle_rss = rss_kib(kedge.0.id());
 
-    // The same proxy with governance off (classification and metrics only):
-    // what the budget, scheduling, routing and ledger cost on top of the
-    // base request path.
+    // The same proxy without the governance config (no routes, no tenant
+    // budget, the default scheduler): what that config costs on top of the
+    // base request path, ledger and metrics included.
     let plain_port = free_port();
     let plain_conf = work.join("kedge-plain.toml");
     let plain_state = work.join("plain");
@@ -218,49 +283,35 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
         ("kedge", kedge_port, vec![kedge.0.id()]),
         ("kedge-plain", plain_port, vec![plain.0.id()]),
     ];
+    let rounds = if smoke { 1 } else { ROUNDS };
     let mut rows = Vec::new();
     let mut kedge_peak_rss = kedge_idle_rss;
     for stream in [false, true] {
         for &concurrency in concurrencies {
-            for (name, port, pids) in &targets {
-                let cpu_before: u64 = pids.iter().map(|p| cpu_us(*p)).sum();
-                let mut load = pinned("0", &bin.join("kedge-load"));
-                load.args([
-                    "--url",
-                    &format!("http://127.0.0.1:{port}/v1/chat/completions"),
-                ])
-                .args(["--concurrency", &concurrency.to_string()])
-                .args([
-                    "--duration-s",
-                    &seconds.to_string(),
-                    "--max-tokens",
-                    "16",
-                ]);
-                if stream {
-                    load.arg("--stream");
+            // Rounds of every target back to back, so drift on a shared
+            // machine hits all of them alike; each figure is the median of
+            // its rounds.
+            let mut runs: Vec<Vec<Value>> = vec![Vec::new(); targets.len()];
+            for _ in 0..rounds {
+                for (t, (_, port, pids)) in targets.iter().enumerate() {
+                    let result = measure(bin, *port, pids, concurrency, stream, seconds)?;
+                    if t == 2 {
+                        kedge_peak_rss = kedge_peak_rss.max(rss_kib(kedge.0.id()));
+                    }
+                    runs[t].push(result);
                 }
-                let out = load.output().context("running kedge-load")?;
-                let mut result: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-                    format!(
-                        "kedge-load output: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    )
-                })?;
-                let cpu = pids.iter().map(|p| cpu_us(*p)).sum::<u64>() - cpu_before;
-                let served = result["ok"].as_u64().unwrap_or(0).max(1);
-                result["cpu_us_per_request"] = json!(cpu as f64 / served as f64);
-                if *name == "kedge" {
-                    kedge_peak_rss = kedge_peak_rss.max(rss_kib(kedge.0.id()));
-                }
+            }
+            for ((name, _, _), runs) in targets.iter().zip(runs) {
+                let result = median_of(&runs);
                 println!(
-                    "bench proxy: {:>11} stream={stream:<5} c={concurrency:<3} {:>8.0} req/s p50 {:>7.3} ms p99 {:>7.3} ms {:>6.1} us CPU/request",
+                    "bench proxy: {:>11} stream={stream:<5} c={concurrency:<3} {:>8.0} req/s p50 {:>7.3} ms p99 {:>7.3} ms {:>6.1} us CPU/request (median of {rounds})",
                     name,
                     result["throughput_rps"].as_f64().unwrap_or(0.0),
                     result["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
                     result["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
                     result["cpu_us_per_request"].as_f64().unwrap_or(0.0)
                 );
-                rows.push(json!({"target": name, "stream": stream, "concurrency": concurrency, "result": result}));
+                rows.push(json!({"target": name, "stream": stream, "concurrency": concurrency, "result": result, "rounds": runs}));
             }
         }
     }
@@ -328,15 +379,51 @@ fn summarise(
             .map(|r| r["result"].clone())
             .unwrap_or(Value::Null)
     };
+    // The rounds of one cell, target by target (same order in each).
+    let rounds = |target: &str, stream: bool, c: usize| -> Vec<Value> {
+        rows.iter()
+            .find(|r| r["target"] == target && r["stream"] == stream && r["concurrency"] == c)
+            .and_then(|r| r["rounds"].as_array().cloned())
+            .unwrap_or_default()
+    };
+    // A ratio of kedge to nginx taken within each round (the two ran seconds
+    // apart, on the same machine state), then the median over rounds: the
+    // machine's drift between rounds cancels instead of adding noise.
+    let ratio = |stream: bool, c: usize, f: &dyn Fn(&Value, &Value) -> Option<f64>| -> f64 {
+        let (d, n, k) = (
+            rounds("direct", stream, c),
+            rounds("nginx", stream, c),
+            rounds("kedge", stream, c),
+        );
+        let mut r: Vec<f64> = d
+            .iter()
+            .zip(&n)
+            .zip(&k)
+            .filter_map(|((d, n), k)| {
+                let (kv, nv) = (f(k, d)?, f(n, d)?);
+                (nv > 0.0).then_some(kv / nv)
+            })
+            .collect();
+        r.sort_by(f64::total_cmp);
+        r.get(r.len() / 2).copied().unwrap_or(0.0)
+    };
+    let throughput = |v: &Value, _: &Value| v["throughput_rps"].as_f64();
+    let added_p99 = |v: &Value, d: &Value| {
+        Some(v["latency_ms"]["p99"].as_f64()? - d["latency_ms"]["p99"].as_f64()?)
+    };
+    let cpu_of = |v: &Value, _: &Value| v["cpu_us_per_request"].as_f64();
     let mut md = String::new();
     let _ = writeln!(
         md,
         "## Proxy overhead (`cargo xtask bench proxy`)\n\n\
-         Simulated upstream answering instantly (`kedge-sim`, 16 output tokens), {seconds} s per cell; \
+         Simulated upstream answering instantly (`kedge-sim`, 16 output tokens); every figure is the \
+         median of {ROUNDS} rounds of {seconds} s, each round running all four targets back to back; \
          kedge with classification, a routed model, DRR scheduling, a tenant budget (reserve and commit \
          on every request, SQLite ledger) and metrics all on. \
          load generator `kedge-load` pinned to CPU 0, proxy and upstream on CPU 1. Added latency = \
-         proxied p50/p99 minus direct p50/p99 at the same concurrency.\n\n\
+         proxied p50/p99 minus direct p50/p99 at the same concurrency. The kedge/nginx columns are \
+         the median over rounds of the ratio within a round (nginx and kedge seconds apart), not the \
+         ratio of the medians.\n\n\
          | stream | conc. | direct req/s | nginx req/s | kedge req/s | kedge/nginx throughput | nginx added p50/p99 ms | kedge added p50/p99 ms | kedge/nginx added p99 |\n\
          |---|---|---|---|---|---|---|---|---|"
     );
@@ -356,20 +443,12 @@ fn summarise(
                 rps(&d),
                 rps(&n),
                 rps(&k),
-                if rps(&n) > 0.0 {
-                    rps(&k) / rps(&n)
-                } else {
-                    0.0
-                },
+                ratio(stream, c, &throughput),
                 added(&n, "p50"),
                 added(&n, "p99"),
                 added(&k, "p50"),
                 added(&k, "p99"),
-                if added(&n, "p99") > 0.0 {
-                    added(&k, "p99") / added(&n, "p99")
-                } else {
-                    0.0
-                },
+                ratio(stream, c, &added_p99),
             );
         }
     }
@@ -377,8 +456,9 @@ fn summarise(
         md,
         "\nCPU time per request of each process (user + system, all threads, from `/proc/PID/stat` \
          around each cell): the upstream's own when sent directly, the proxy's own otherwise. \
-         `kedge plain` is the same binary with governance off (classification and metrics only: \
-         no budget, scheduling policy, routes or ledger).\n\n\
+         `kedge plain` is the same binary with the governance config left out: no routes, no \
+         tenant budget, the default scheduler; it still classifies, counts metrics, reserves and \
+         commits against an empty budget and writes every request to the ledger.\n\n\
          | stream | conc. | upstream µs | nginx µs | kedge µs | kedge/nginx CPU | kedge plain µs | kedge plain req/s | kedge plain added p99 ms |\n\
          |---|---|---|---|---|---|---|---|---|"
     );
@@ -398,11 +478,7 @@ fn summarise(
                 cpu(&d),
                 cpu(&n),
                 cpu(&k),
-                if cpu(&n) > 0.0 {
-                    cpu(&k) / cpu(&n)
-                } else {
-                    0.0
-                },
+                ratio(stream, c, &cpu_of),
                 cpu(&p),
                 p["throughput_rps"].as_f64().unwrap_or(0.0),
                 (lat(&p, "p99") - lat(&d, "p99")).max(0.0),

@@ -294,7 +294,7 @@ fn bench(args: &[String]) -> Result<()> {
                 .args(["bench", "-p", "kedge", "--bench", "kernel", "--", "kernel"]),
         ),
         Some("proxy") => {
-            let seconds = seconds(5.0)?;
+            let seconds = seconds(2.0)?;
             build_bins()?;
             bench_proxy::run(&root(), &target_dir().join("release"), seconds, false)
         }

@@ -90,6 +90,8 @@ use std::{
 use jiff::{Timestamp, tz::TimeZone};
 use kedge_common::TenantState;
 
+use crate::idhash::IdHasher;
+
 pub use config::{
     BudgetConfig, BudgetConfigError, Dollars, KeyBudget, Limit, Mode, PoolBudget, TenantBudget,
     format_dollars, parse_dollars,
@@ -597,12 +599,12 @@ impl LimitState {
         out: &mut Vec<Alert>,
     ) {
         let used = self.committed();
-        let silence = self.silence_until(now);
         for (i, &permille) in thresholds.iter().enumerate() {
             let crossed = used as u128 * 1000 >= self.max as u128 * permille as u128;
             let armed = self.silent_until[i].is_none_or(|until| now >= until);
             if crossed && armed {
-                self.silent_until[i] = Some(silence);
+                // Only now: the window's end is calendar arithmetic.
+                self.silent_until[i] = Some(self.silence_until(now));
                 if emit {
                     out.push(Alert {
                         scope: self.scope.clone(),
@@ -670,14 +672,15 @@ fn until(now: Timestamp, end: Timestamp) -> Duration {
 
 struct TenantLimits {
     limits: Vec<usize>,
-    keys: HashMap<String, Vec<usize>>,
+    keys: HashMap<String, Vec<usize>, IdHasher>,
     shed_at_edge: bool,
 }
 
 struct Engine {
     limits: Vec<LimitState>,
-    tenants: HashMap<String, TenantLimits>,
-    pools: HashMap<String, Vec<usize>>,
+    /// Config names, looked up on every request: a cheap hash.
+    tenants: HashMap<String, TenantLimits, IdHasher>,
+    pools: HashMap<String, Vec<usize>, IdHasher>,
     alerts: Vec<Alert>,
 }
 
@@ -759,7 +762,7 @@ impl Budget {
                 })
                 .collect()
         };
-        let mut tenants = HashMap::new();
+        let mut tenants = HashMap::default();
         for t in &config.tenants {
             let name = t.name.get_ref().clone();
             let own = add(&Scope::Tenant(name.clone()), t.specs());

@@ -801,7 +801,7 @@ impl Proxy {
         let consumed = self.classifier.consumed_headers();
         let owns_authorization = self.classifier.owns_authorization();
         let keep = |name: &HeaderName| {
-            !(consumed.iter().any(|c| name.as_str() == *c)
+            !(consumed.contains(&name)
                 || (owns_authorization && name == header::AUTHORIZATION)
                 // kedge reads the answer (usage, SSE): it must arrive uncompressed.
                 || name == header::ACCEPT_ENCODING

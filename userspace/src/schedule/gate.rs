@@ -14,6 +14,8 @@ use std::{
 
 use tokio::sync::oneshot;
 
+use crate::idhash::IdHasher;
+
 use super::{
     Job, JobId, Now, Rejection,
     config::{BackendPlan, Plan},
@@ -23,7 +25,7 @@ use super::{
 
 struct State {
     scheduler: Scheduler,
-    waiters: HashMap<JobId, oneshot::Sender<()>>,
+    waiters: HashMap<JobId, oneshot::Sender<()>, IdHasher>,
 }
 
 impl State {
@@ -112,7 +114,7 @@ impl Gate {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
                     scheduler: Scheduler::new(plan, backend, Now::system()),
-                    waiters: HashMap::new(),
+                    waiters: HashMap::default(),
                 }),
             }),
         }

@@ -95,7 +95,9 @@ pub struct Stats {
 /// departures from a queue.
 #[derive(Debug, Clone, Default)]
 pub(super) struct DrainMeter {
-    mean_gap: Option<Duration>,
+    /// Nanoseconds (a float: the mean is updated on every departure, and
+    /// `Duration`'s float helpers check and convert each time).
+    mean_gap_ns: Option<f64>,
     last: Option<Instant>,
 }
 
@@ -105,9 +107,9 @@ const DRAIN_ALPHA: f64 = 0.3;
 impl DrainMeter {
     pub fn departed(&mut self, now: Instant) {
         if let Some(last) = self.last {
-            let gap = now.saturating_duration_since(last);
-            self.mean_gap = Some(match self.mean_gap {
-                Some(mean) => mean.mul_f64(1.0 - DRAIN_ALPHA) + gap.mul_f64(DRAIN_ALPHA),
+            let gap = now.saturating_duration_since(last).as_nanos() as f64;
+            self.mean_gap_ns = Some(match self.mean_gap_ns {
+                Some(mean) => mean * (1.0 - DRAIN_ALPHA) + gap * DRAIN_ALPHA,
                 None => gap,
             });
         }
@@ -118,7 +120,7 @@ impl DrainMeter {
     /// leaving yet. A queue that has stopped moving counts the silence since
     /// its last departure as the current gap.
     pub fn time_to_drain(&self, ahead: usize, now: Instant) -> Option<Duration> {
-        let mean = self.mean_gap?;
+        let mean = Duration::from_nanos(self.mean_gap_ns? as u64);
         let silence = self
             .last
             .map_or(Duration::ZERO, |l| now.saturating_duration_since(l));
