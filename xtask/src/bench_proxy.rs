@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use crate::Proc;
 use serde_json::{Value, json};
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -31,7 +31,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn wait_port(port: u16) -> Result<()> {
+pub fn wait_port(port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
@@ -42,7 +42,7 @@ fn wait_port(port: u16) -> Result<()> {
     Ok(())
 }
 
-fn pinned(cpu: &str, program: &Path) -> Command {
+pub fn pinned(cpu: &str, program: &Path) -> Command {
     let mut c = Command::new("taskset");
     c.args(["-c", cpu]).arg(program);
     c
@@ -103,7 +103,61 @@ fn start_kedge(bin: &Path, config: &Path, state: &Path, port: u16) -> Result<Pro
     Ok(kedge)
 }
 
-fn ensure_nginx() -> Result<PathBuf> {
+/// The simulated upstream on CPU 1, answering at once.
+pub fn start_upstream(bin: &Path, port: u16) -> Result<Proc> {
+    let upstream = Proc(
+        pinned("1", &bin.join("kedge-sim"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--slots", "1024"])
+            .args([
+                "--ttft-ms",
+                "0",
+                "--prefill-us-per-token",
+                "0",
+                "--decode-ms-per-token",
+                "0",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting kedge-sim")?,
+    );
+    wait_port(port)?;
+    Ok(upstream)
+}
+
+/// nginx as a plain reverse proxy to the upstream; `master` off runs the
+/// one process that serves (for valgrind).
+pub fn nginx_config(work: &Path, port: u16, up_port: u16, master: bool) -> String {
+    format!(
+        "daemon off; master_process {}; worker_processes 1; pid {pid}; error_log stderr error;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{ access_log off;\n\
+           upstream up {{ server 127.0.0.1:{up_port}; keepalive 128; }}\n\
+           server {{ listen 127.0.0.1:{port};\n\
+             location / {{ proxy_pass http://up; proxy_http_version 1.1;\n\
+               proxy_set_header Connection \"\"; proxy_buffering off; }} }} }}\n",
+        if master { "on" } else { "off" },
+        pid = work.join("nginx.pid").display()
+    )
+}
+
+/// kedge with everything on: classification, a routed model, DRR
+/// scheduling, a tenant budget (and so the ledger) and metrics.
+pub fn kedge_config(port: u16, up_port: u16, admin_port: u16) -> String {
+    format!(
+        "[listen]\naddr = \"127.0.0.1:{port}\"\n[kernel]\nattach = \"off\"\n\
+         [[class]]\nname = \"standard\"\npriority = 2\n\
+         [[network]]\ncidr = \"127.0.0.0/8\"\nclass = \"standard\"\ntenant = \"bench\"\n\
+         [[backend]]\nname = \"sim\"\nurl = \"http://127.0.0.1:{up_port}\"\n\
+         [[route]]\nmodel = \"sim\"\n[[route.arm]]\nbackend = \"sim\"\nkind = \"local\"\nmax_context = 32768\n\
+         [schedule]\npolicy = \"drr\"\nmax_in_flight = 1024\nmax_queue = 4096\n\
+         [gpu]\nsource = \"none\"\n\
+         [budget]\n[[budget.tenant]]\nname = \"bench\"\ntokens_per_minute = {{ max = 1000000000 }}\n\
+         requests_per_minute = {{ max = 100000000 }}\n\
+         [metrics]\naddr = \"127.0.0.1:{admin_port}\"\n"
+    )
+}
+
+pub fn ensure_nginx() -> Result<PathBuf> {
     let nginx = PathBuf::from("/usr/sbin/nginx");
     if !nginx.exists() {
         println!("bench: installing nginx (Debian package) for the baseline");
@@ -185,43 +239,11 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     std::fs::create_dir_all(&work)?;
 
     let up_port = free_port();
-    let upstream = Proc(
-        pinned("1", &bin.join("kedge-sim"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{up_port}"),
-                "--slots",
-                "1024",
-            ])
-            .args([
-                "--ttft-ms",
-                "0",
-                "--prefill-us-per-token",
-                "0",
-                "--decode-ms-per-token",
-                "0",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting kedge-sim")?,
-    );
-    wait_port(up_port)?;
+    let upstream = start_upstream(bin, up_port)?;
 
     let nginx_port = free_port();
     let nginx_conf = work.join("nginx.conf");
-    std::fs::write(
-        &nginx_conf,
-        format!(
-            "daemon off; worker_processes 1; pid {pid}; error_log stderr error;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{ access_log off;\n\
-               upstream up {{ server 127.0.0.1:{up_port}; keepalive 128; }}\n\
-               server {{ listen 127.0.0.1:{nginx_port};\n\
-                 location / {{ proxy_pass http://up; proxy_http_version 1.1;\n\
-                   proxy_set_header Connection \"\"; proxy_buffering off; }} }} }}\n",
-            pid = work.join("nginx.pid").display()
-        ),
-    )?;
+    std::fs::write(&nginx_conf, nginx_config(&work, nginx_port, up_port, true))?;
     let nginx_proc = Proc(
         pinned("1", &nginx)
             .args(["-c"])
@@ -237,21 +259,7 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     let kedge_port = free_port();
     let admin_port = free_port();
     let kedge_conf = work.join("kedge.toml");
-    std::fs::write(
-        &kedge_conf,
-        format!(
-            "[listen]\naddr = \"127.0.0.1:{kedge_port}\"\n[kernel]\nattach = \"off\"\n\
-             [[class]]\nname = \"standard\"\npriority = 2\n\
-             [[network]]\ncidr = \"127.0.0.0/8\"\nclass = \"standard\"\ntenant = \"bench\"\n\
-             [[backend]]\nname = \"sim\"\nurl = \"http://127.0.0.1:{up_port}\"\n\
-             [[route]]\nmodel = \"sim\"\n[[route.arm]]\nbackend = \"sim\"\nkind = \"local\"\nmax_context = 32768\n\
-             [schedule]\npolicy = \"drr\"\nmax_in_flight = 1024\nmax_queue = 4096\n\
-             [gpu]\nsource = \"none\"\n\
-             [budget]\n[[budget.tenant]]\nname = \"bench\"\ntokens_per_minute = {{ max = 1000000000 }}\n\
-             requests_per_minute = {{ max = 100000000 }}\n\
-             [metrics]\naddr = \"127.0.0.1:{admin_port}\"\n"
-        ),
-    )?;
+    std::fs::write(&kedge_conf, kedge_config(kedge_port, up_port, admin_port))?;
     let kedge = start_kedge(bin, &kedge_conf, &work, kedge_port)?;
     let kedge_idle_rss = rss_kib(kedge.0.id());
 

@@ -22,6 +22,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod bench_flood;
+mod bench_instructions;
 mod bench_proxy;
 mod demo;
 
@@ -46,6 +47,8 @@ const TOOL_PACKAGES: &[&str] = &[
     // proxy baseline, nftables the flood bench's alternative.
     "nginx-light",
     "nftables",
+    // `bench instructions` counts with callgrind.
+    "valgrind",
 ];
 
 fn main() -> ExitCode {
@@ -276,7 +279,7 @@ fn bench(args: &[String]) -> Result<()> {
     let name = args.first().map(String::as_str);
     if smoke {
         return match name {
-            Some(name @ ("kernel" | "proxy" | "flood")) => {
+            Some(name @ ("kernel" | "proxy" | "flood" | "instructions")) => {
                 if name != "kernel" {
                     // The debug binaries, built exactly as `cargo test` builds
                     // them (same packages and features: a no-op after it).
@@ -284,7 +287,7 @@ fn bench(args: &[String]) -> Result<()> {
                 }
                 smoke_one(name)
             }
-            _ => bail!("usage: cargo xtask bench <kernel|proxy|flood> --smoke"),
+            _ => bail!("usage: cargo xtask bench <kernel|proxy|flood|instructions> --smoke"),
         };
     }
     match name {
@@ -303,7 +306,11 @@ fn bench(args: &[String]) -> Result<()> {
             build_bins()?;
             bench_flood::run(&root(), &target_dir().join("release"), seconds, false)
         }
-        _ => bail!("usage: cargo xtask bench <kernel|proxy|flood> [SECONDS|--smoke]"),
+        Some("instructions") => {
+            build_bins()?;
+            bench_instructions::run(&root(), &target_dir().join("release"), false)
+        }
+        _ => bail!("usage: cargo xtask bench <kernel|proxy|flood|instructions> [SECONDS|--smoke]"),
     }
 }
 
@@ -340,6 +347,15 @@ fn smoke_one(name: &str) -> Result<()> {
             }
             bench_flood::run(&root(), &debug, SMOKE_FLOOD_SECONDS, true)
         }
+        "instructions" => {
+            if !is_root() && Command::new("valgrind").arg("--version").output().is_err() {
+                println!(
+                    "skipped: bench instructions smoke: valgrind is not installed and installing it needs root"
+                );
+                return Ok(());
+            }
+            bench_instructions::run(&root(), &debug, true)
+        }
         _ => bail!("no benchmark {name}"),
     }
 }
@@ -348,7 +364,7 @@ fn smoke_one(name: &str) -> Result<()> {
 fn smoke_all() -> Result<()> {
     let started = std::time::Instant::now();
     let mut times = Vec::new();
-    for name in ["kernel", "proxy", "flood"] {
+    for name in ["kernel", "proxy", "flood", "instructions"] {
         println!("xtask: benchmark smoke run: {name}");
         let t = std::time::Instant::now();
         smoke_one(name).with_context(|| format!("benchmark smoke run `{name}`"))?;
