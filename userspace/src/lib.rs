@@ -25,5 +25,7 @@ pub mod route;
 pub mod schedule;
 pub mod sse;
 pub mod status;
+#[cfg(test)]
+mod test_support;
 pub mod tokens;
 pub mod webhook;

@@ -127,27 +127,7 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     }
 
     let up_port = 18981;
-    let _upstream = Proc(
-        Command::new("taskset")
-            .args(["-c", "1"])
-            .arg(bin.join("kedge-sim"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{up_port}"),
-                "--slots",
-                "4096",
-            ])
-            .args([
-                "--ttft-ms",
-                "0",
-                "--prefill-us-per-token",
-                "0",
-                "--decode-ms-per-token",
-                "0",
-            ])
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    let _upstream = crate::bench_proxy::start_upstream(bin, up_port, 4096)?;
 
     let scenarios = [
         Scenario {

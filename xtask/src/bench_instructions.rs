@@ -39,7 +39,7 @@ pub fn run(root: &Path, bin: &Path, smoke: bool) -> Result<()> {
     let work = std::env::temp_dir().join(format!("kedge-bench-instr-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let up_port = free_port();
-    let _upstream = start_upstream(bin, up_port)?;
+    let _upstream = start_upstream(bin, up_port, 1024)?;
 
     let mut rows = Vec::new();
     // A smoke run on the debug build (tens of times slower under valgrind)
@@ -70,7 +70,7 @@ pub fn run(root: &Path, bin: &Path, smoke: bool) -> Result<()> {
                     }
                 }
                 let log = work.join(format!("valgrind-{target}-{n}.log"));
-                let proxy = Proc(
+                let mut proxy = Proc(
                     cmd.stdout(Stdio::null())
                         .stderr(std::fs::File::create(&log)?)
                         .spawn()
@@ -93,8 +93,9 @@ pub fn run(root: &Path, bin: &Path, smoke: bool) -> Result<()> {
                 if report["ok"].as_u64() != Some(n) {
                     bail!("{target}: {n} requests sent, answered: {report}");
                 }
-                // SIGTERM and wait: valgrind writes its totals at exit.
-                drop(proxy);
+                // valgrind writes its totals at exit, which a debug build on a
+                // busy machine may take a while to reach.
+                proxy.stop(std::time::Duration::from_secs(120));
                 let text = std::fs::read_to_string(&log)?;
                 text.lines()
                     .find_map(|l| l.split("Collected : ").nth(1))

@@ -103,11 +103,12 @@ fn start_kedge(bin: &Path, config: &Path, state: &Path, port: u16) -> Result<Pro
     Ok(kedge)
 }
 
-/// The simulated upstream on CPU 1, answering at once.
-pub fn start_upstream(bin: &Path, port: u16) -> Result<Proc> {
+/// The simulated upstream on CPU 1, answering at once, `slots` at a time.
+pub fn start_upstream(bin: &Path, port: u16, slots: u32) -> Result<Proc> {
     let upstream = Proc(
         pinned("1", &bin.join("kedge-sim"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--slots", "1024"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--slots", &slots.to_string()])
             .args([
                 "--ttft-ms",
                 "0",
@@ -239,7 +240,7 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     std::fs::create_dir_all(&work)?;
 
     let up_port = free_port();
-    let upstream = start_upstream(bin, up_port)?;
+    let upstream = start_upstream(bin, up_port, 1024)?;
 
     let nginx_port = free_port();
     let nginx_conf = work.join("nginx.conf");

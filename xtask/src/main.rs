@@ -426,14 +426,13 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 /// A child process killed when dropped (benchmarks and demo clean up on error).
 struct Proc(std::process::Child);
 
-impl Drop for Proc {
-    /// SIGTERM first, so a master process (nginx) takes its workers down with
-    /// it; SIGKILL only if it has not gone within two seconds. (A SIGKILLed
-    /// nginx master leaves orphaned workers holding its inherited files.)
-    fn drop(&mut self) {
+impl Proc {
+    /// SIGTERM, then up to `grace` for the process to exit on its own (a
+    /// program under valgrind writes its counts on the way out), then SIGKILL.
+    fn stop(&mut self, grace: std::time::Duration) {
         // SAFETY: plain syscall on our own child's pid.
         unsafe { libc_kill(self.0.id() as i32, 15) };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let deadline = std::time::Instant::now() + grace;
         while std::time::Instant::now() < deadline {
             if matches!(self.0.try_wait(), Ok(Some(_))) {
                 return;
@@ -442,6 +441,15 @@ impl Drop for Proc {
         }
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    /// SIGTERM first, so a master process (nginx) takes its workers down with
+    /// it; SIGKILL only if it has not gone within two seconds. (A SIGKILLed
+    /// nginx master leaves orphaned workers holding its inherited files.)
+    fn drop(&mut self) {
+        self.stop(std::time::Duration::from_secs(2));
     }
 }
 

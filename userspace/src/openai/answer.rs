@@ -176,7 +176,10 @@ impl Scanner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::openai::read_answer_serde;
+    use crate::{
+        openai::read_answer_serde,
+        test_support::{XorShift, damage, json_value},
+    };
 
     /// The fast reader either agrees with serde or leaves the bytes to it.
     fn agrees(json: &[u8]) -> bool {
@@ -250,41 +253,6 @@ mod tests {
     /// them: whatever the fast reader accepts, serde reads the same way.
     #[test]
     fn random_documents_agree_with_serde() {
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
-        let (mut read, mut total) = (0, 0);
-        for _ in 0..20_000 {
-            let mut doc = Vec::new();
-            document(&mut next, &mut doc, 0);
-            if next().is_multiple_of(3) && !doc.is_empty() {
-                // Damage: flip, drop or duplicate a byte.
-                let at = (next() % doc.len() as u64) as usize;
-                match next() % 3 {
-                    0 => {
-                        const NOISE: &[u8] = b"{}[],:\"\\ 0-.eu";
-                        doc[at] = NOISE[(next() % NOISE.len() as u64) as usize];
-                    }
-                    1 => {
-                        doc.remove(at);
-                    }
-                    _ => doc.insert(at, doc[at]),
-                }
-            }
-            total += 1;
-            read += agrees(&doc) as u32;
-        }
-        assert!(
-            read > total / 4,
-            "the fast path read only {read} of {total}"
-        );
-    }
-
-    fn document(next: &mut impl FnMut() -> u64, out: &mut Vec<u8>, depth: u32) {
         const KEYS: [&str; 12] = [
             "choices",
             "usage",
@@ -299,51 +267,51 @@ mod tests {
             "id",
             "index",
         ];
-        let pick = next() % 10;
-        match pick {
-            0..=3 if depth < 4 => {
-                out.push(b'{');
-                for i in 0..next() % 4 {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.push(b'"');
-                    out.extend_from_slice(KEYS[(next() % KEYS.len() as u64) as usize].as_bytes());
-                    out.extend_from_slice(b"\":");
-                    document(next, out, depth + 1);
-                }
-                out.push(b'}');
-            }
-            4 | 5 if depth < 4 => {
-                out.push(b'[');
-                for i in 0..next() % 3 {
-                    if i > 0 {
-                        out.extend_from_slice(b", ");
-                    }
-                    document(next, out, depth + 1);
-                }
-                out.push(b']');
-            }
-            6 => {
-                const STRINGS: [&str; 5] = [
-                    "\"\"",
-                    "\"ab\"",
-                    "\"\\u00e9\\n\"",
-                    "\"\\ud83d\\ude00\"",
-                    "\"x\\\"y\"",
-                ];
-                out.extend_from_slice(STRINGS[(next() % 5) as usize].as_bytes());
-            }
-            7 => {
-                const NUMBERS: [&str; 6] = ["0", "7", "12345678901234567890", "-3", "2.5", "1e3"];
-                out.extend_from_slice(NUMBERS[(next() % 6) as usize].as_bytes());
-            }
-            8 => out.extend_from_slice(b"null"),
-            _ => out.extend_from_slice(if next().is_multiple_of(2) {
-                b"true"
+        const LEAVES: [&str; 15] = [
+            "\"\"",
+            "\"ab\"",
+            "\"\\u00e9\\n\"",
+            "\"\\ud83d\\ude00\"",
+            "\"x\\\"y\"",
+            "0",
+            "7",
+            "12345678901234567890",
+            "-3",
+            "2.5",
+            "1e3",
+            "null",
+            "null",
+            "true",
+            "false",
+        ];
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+        let (mut read, mut total) = (0, 0);
+        for _ in 0..20_000 {
+            // Mostly objects at the top, as answers are.
+            let mut doc = String::new();
+            if rng.below(4) == 0 {
+                json_value(&mut rng, &KEYS, &LEAVES, 4, &mut doc);
             } else {
-                b"false"
-            }),
+                doc.push('{');
+                for i in 0..rng.below(4) {
+                    if i > 0 {
+                        doc.push(',');
+                    }
+                    doc.push_str(&format!("\"{}\":", rng.pick(&KEYS)));
+                    json_value(&mut rng, &KEYS, &LEAVES, 3, &mut doc);
+                }
+                doc.push('}');
+            }
+            let mut doc = doc.into_bytes();
+            if rng.below(3) == 0 {
+                damage(&mut rng, &mut doc);
+            }
+            total += 1;
+            read += agrees(&doc) as u32;
         }
+        assert!(
+            read > total / 4,
+            "the fast path read only {read} of {total}"
+        );
     }
 }

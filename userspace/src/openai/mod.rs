@@ -622,6 +622,7 @@ fn facts_of(v: &Value) -> AnswerFacts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{XorShift, damage, json_value};
 
     fn parse(endpoint: Endpoint, s: &str) -> Result<ParsedRequest, ApiError> {
         parse_request(endpoint, Bytes::copy_from_slice(s.as_bytes()))
@@ -762,13 +763,6 @@ mod tests {
     /// damage to them: the three readers agree wherever they read.
     #[test]
     fn random_requests_read_alike() {
-        let mut rng = 0x5851_f42d_4c95_7f2du64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
         const KEYS: [&str; 11] = [
             "model",
             "messages",
@@ -796,47 +790,21 @@ mod tests {
             "{}",
             "[\"ab\",3]",
         ];
-        fn value(next: &mut impl FnMut() -> u64, out: &mut String, depth: u32) {
-            match next() % 6 {
-                0 | 1 if depth < 4 => {
-                    out.push('{');
-                    for i in 0..next() % 4 {
-                        if i > 0 {
-                            out.push(',');
-                        }
-                        out.push_str(&format!("\"{}\":", KEYS[(next() % 11) as usize]));
-                        value(next, out, depth + 1);
-                    }
-                    out.push('}');
-                }
-                2 if depth < 4 => {
-                    out.push('[');
-                    for i in 0..next() % 3 {
-                        if i > 0 {
-                            out.push(',');
-                        }
-                        value(next, out, depth + 1);
-                    }
-                    out.push(']');
-                }
-                _ => out.push_str(VALUES[(next() % 12) as usize]),
-            }
-        }
+        let mut rng = XorShift(0x5851_f42d_4c95_7f2d);
         let mut fast = 0;
         for _ in 0..20_000 {
             let mut doc = String::from("{\"model\":\"m\"");
-            for _ in 0..next() % 5 {
-                doc.push_str(&format!(",\"{}\":", KEYS[(next() % 7) as usize]));
-                value(&mut next, &mut doc, 1);
+            for _ in 0..rng.below(5) {
+                doc.push_str(&format!(",\"{}\":", rng.pick(&KEYS[..7])));
+                json_value(&mut rng, &KEYS, &VALUES, 3, &mut doc);
             }
             doc.push('}');
             let mut bytes = doc.into_bytes();
-            if next().is_multiple_of(4) {
-                let at = (next() % bytes.len() as u64) as usize;
-                bytes[at] = b"{}[],:\" 0-"[(next() % 10) as usize];
+            if rng.below(4) == 0 {
+                damage(&mut rng, &mut bytes);
             }
             let endpoint =
-                [Endpoint::ChatCompletions, Endpoint::Completions][(next() % 2) as usize];
+                [Endpoint::ChatCompletions, Endpoint::Completions][rng.below(2) as usize];
             fast += assert_paths_agree(endpoint, &bytes) as u32;
         }
         assert!(fast > 5_000, "the one-pass reader took only {fast} bodies");

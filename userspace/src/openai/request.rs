@@ -151,6 +151,7 @@ impl Scanner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{XorShift, json_value};
 
     /// The one-pass count equals serde's visitor wherever it counts.
     fn agree(endpoint: Endpoint, input: &str) -> bool {
@@ -185,55 +186,23 @@ mod tests {
 
     #[test]
     fn random_inputs_count_alike() {
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
-        fn value(next: &mut impl FnMut() -> u64, out: &mut String, depth: u32) {
-            const KEYS: [&str; 5] = ["content", "name", "text", "role", "type"];
-            const LEAVES: [&str; 9] = [
-                "\"\"",
-                "\"abcde\"",
-                "\"\\u00e9\\ud83d\\ude00\"",
-                "3",
-                "-1.5e2",
-                "true",
-                "null",
-                "\"x\\\"y\"",
-                "\"\\u0041\"",
-            ];
-            match next() % 5 {
-                0 | 1 if depth < 5 => {
-                    out.push('{');
-                    for i in 0..next() % 4 {
-                        if i > 0 {
-                            out.push(',');
-                        }
-                        out.push_str(&format!("\"{}\":", KEYS[(next() % 5) as usize]));
-                        value(next, out, depth + 1);
-                    }
-                    out.push('}');
-                }
-                2 | 3 if depth < 5 => {
-                    out.push('[');
-                    for i in 0..next() % 4 {
-                        if i > 0 {
-                            out.push_str(" , ");
-                        }
-                        value(next, out, depth + 1);
-                    }
-                    out.push(']');
-                }
-                _ => out.push_str(LEAVES[(next() % 9) as usize]),
-            }
-        }
+        const KEYS: [&str; 5] = ["content", "name", "text", "role", "type"];
+        const LEAVES: [&str; 9] = [
+            "\"\"",
+            "\"abcde\"",
+            "\"\\u00e9\\ud83d\\ude00\"",
+            "3",
+            "-1.5e2",
+            "true",
+            "null",
+            "\"x\\\"y\"",
+            "\"\\u0041\"",
+        ];
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
         let mut counted = 0;
         for _ in 0..20_000 {
             let mut input = String::new();
-            value(&mut next, &mut input, 0);
+            json_value(&mut rng, &KEYS, &LEAVES, 5, &mut input);
             for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions] {
                 counted += agree(endpoint, &input) as u32;
             }

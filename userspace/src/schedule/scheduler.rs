@@ -120,9 +120,6 @@ impl Scheduler {
         let general_only = self.general_only;
         #[cfg(not(test))]
         let general_only = false;
-        if self.queued == 0 && !general_only && self.may_start(job.class, job.tenant) {
-            return Ok(self.start_alone(id, job, deadline, now));
-        }
         self.jobs.insert(
             id,
             Entry {
@@ -131,6 +128,9 @@ impl Scheduler {
                 running: false,
             },
         );
+        if self.queued == 0 && !general_only && self.may_start(job.class, job.tenant) {
+            return Ok(self.start_alone(id, job, deadline, now));
+        }
         self.classes[class].queue.push(Waiting {
             id,
             tenant: job.tenant,
@@ -273,21 +273,30 @@ impl Scheduler {
                     })
                 })
                 .collect();
-            let in_flight: Vec<u32> = self.classes.iter().map(|c| c.in_flight).collect();
-            let cx = Context {
-                now: now.at,
-                plan: &self.plan,
-                limits: &self.limits,
-                in_flight: &in_flight,
-                guaranteed: &self.guaranteed,
-            };
-            let Some(head) = self.policy.choose(&heads, &cx) else {
+            let Some(head) = self.choose(&heads, now) else {
                 break;
             };
             self.start(head, now, true);
             started.push(head.id);
         }
         started
+    }
+
+    /// The policy's pick among `heads`, seeing the classes' in-flight counts.
+    fn choose(&mut self, heads: &[Head], now: Now) -> Option<Head> {
+        let mut in_flight = std::mem::take(&mut self.in_flight_scratch);
+        in_flight.clear();
+        in_flight.extend(self.classes.iter().map(|c| c.in_flight));
+        let cx = Context {
+            now: now.at,
+            plan: &self.plan,
+            limits: &self.limits,
+            in_flight: &in_flight,
+            guaranteed: &self.guaranteed,
+        };
+        let chosen = self.policy.choose(heads, &cx);
+        self.in_flight_scratch = in_flight;
+        chosen
     }
 
     /// `submit` of a job that may start while nothing waits: what queueing it
@@ -308,27 +317,8 @@ impl Scheduler {
             cost: job.cost,
             arrived: now.at,
         };
-        self.jobs.insert(
-            id,
-            Entry {
-                job,
-                deadline,
-                running: false,
-            },
-        );
         self.policy.backlogged(job.class);
-        let mut in_flight = std::mem::take(&mut self.in_flight_scratch);
-        in_flight.clear();
-        in_flight.extend(self.classes.iter().map(|c| c.in_flight));
-        let cx = Context {
-            now: now.at,
-            plan: &self.plan,
-            limits: &self.limits,
-            in_flight: &in_flight,
-            guaranteed: &self.guaranteed,
-        };
-        let chosen = self.policy.choose(std::slice::from_ref(&head), &cx);
-        self.in_flight_scratch = in_flight;
+        let chosen = self.choose(std::slice::from_ref(&head), now);
         debug_assert!(chosen.is_some_and(|h| h.id == id), "a lone head is chosen");
         self.classes[job.class as usize]
             .queue

@@ -510,12 +510,10 @@ fn the_fast_path_equals_queueing_and_dispatching() {
         let mut fast = Sim::new(cfg, THREE);
         let mut general = Sim::new(cfg, THREE);
         general.s.general_only = true;
-        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut random = crate::test_support::XorShift(0x9E37_79B9_7F4A_7C15);
         let mut fast_path_taken = 0;
         for _ in 0..3000 {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
+            let rng = random.next();
             match rng % 7 {
                 0..=2 => {
                     let (class, tenant, cost) =
