@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     cidr::Cidr,
-    config::{ClassifyStep, Loaded},
+    config::{self, ClassifyStep, Loaded},
     openai::ApiError,
 };
 
@@ -80,9 +80,9 @@ pub struct Classifier {
     tenant_header: HeaderName,
     class_header: HeaderName,
     class_ids: HashMap<String, u32>,
-    /// Tenant name → its shared name; by id for the kernel's tag.
-    tenants: HashMap<String, Arc<str>>,
-    tenants_by_id: HashMap<u32, Arc<str>>,
+    /// Tenant names (shared) by id: the kernel tags by id; a name is looked
+    /// up by its id ([`config::tenant_id`], collision-free within a config).
+    tenants: HashMap<u32, Arc<str>>,
     default_class: u32,
 }
 
@@ -134,11 +134,6 @@ impl Classifier {
             class_ids: cfg.class_ids.clone(),
             tenants: cfg
                 .tenant_ids
-                .keys()
-                .map(|name| (name.clone(), Arc::from(name.as_str())))
-                .collect(),
-            tenants_by_id: cfg
-                .tenant_ids
                 .iter()
                 .map(|(name, id)| (*id, Arc::from(name.as_str())))
                 .collect(),
@@ -148,7 +143,7 @@ impl Classifier {
 
     /// The tenant of the kernel's tag (tenant id 0: none).
     pub fn kernel_tenant(&self, id: u32) -> Option<Arc<str>> {
-        self.tenants_by_id.get(&id).cloned()
+        self.tenants.get(&id).cloned()
     }
 
     /// Headers kedge consumes and must not forward upstream.
@@ -194,7 +189,7 @@ impl Classifier {
                 }
                 ClassifyStep::Kernel => {
                     let (class, tenant_id) = facts.kernel;
-                    let tenant = self.tenants_by_id.get(&tenant_id).cloned();
+                    let tenant = self.kernel_tenant(tenant_id);
                     got.offer(tenant, Some(class));
                 }
             }
@@ -240,7 +235,8 @@ impl Classifier {
     }
 
     fn known_tenant(&self, name: &str) -> Result<Arc<str>, ApiError> {
-        self.tenants.get(name).cloned().ok_or_else(|| {
+        let known = self.tenants.get(&config::tenant_id(name));
+        known.filter(|t| ***t == *name).cloned().ok_or_else(|| {
             ApiError::invalid(
                 "unknown_tenant",
                 format!("The trusted tenant header names an unknown tenant `{name}`"),

@@ -52,7 +52,7 @@ pub struct Report {
 
 pub async fn probe(cfg: &Loaded, opts: &ProbeOptions) -> Result<Report> {
     let backends = upstream::backends(cfg)?;
-    let Some(backend) = backends.into_iter().find(|b| b.name == opts.backend) else {
+    let Some(backend) = backends.into_iter().find(|b| *b.name == *opts.backend) else {
         let known: Vec<_> = cfg
             .raw
             .backends

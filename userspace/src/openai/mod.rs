@@ -1,11 +1,15 @@
 //! The slice of the OpenAI protocol kedge must understand: which endpoint a
 //! request is for, the fields that govern it, usage in answers, and errors.
 //!
-//! Everything else in a body passes through untouched: kedge parses into a
-//! JSON map to validate it, and forwards the client's own bytes unless it must
-//! edit `model` or `stream_options`.
+//! Everything else in a body passes through untouched: kedge checks it is
+//! JSON while reading the governing members, and forwards the client's own
+//! bytes unless it must edit `model` or `stream_options`.
 
-use std::{borrow::Cow, ops::Range};
+use std::{
+    borrow::Cow,
+    ops::Range,
+    sync::{Arc, LazyLock},
+};
 
 use bytes::Bytes;
 use hyper::StatusCode;
@@ -53,13 +57,32 @@ impl Endpoint {
         }
     }
 
+    /// [`Endpoint::path`] as a shared string (the ledger's `route`).
+    pub fn shared_path(self) -> Arc<str> {
+        static PATHS: LazyLock<[Arc<str>; 3]> = LazyLock::new(|| {
+            [
+                Endpoint::ChatCompletions,
+                Endpoint::Completions,
+                Endpoint::Embeddings,
+            ]
+            .map(|e| Arc::from(e.path()))
+        });
+        PATHS[self as usize].clone()
+    }
+
+    /// Of a request's `messages`, `prompt` and `input` members, the one this
+    /// endpoint reads as its input.
+    fn input_of<T>(self, messages: T, prompt: T, input: T) -> T {
+        match self {
+            Endpoint::ChatCompletions => messages,
+            Endpoint::Completions => prompt,
+            Endpoint::Embeddings => input,
+        }
+    }
+
     /// The field that carries the prompt, required by the API.
     fn input_field(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "messages",
-            Endpoint::Completions => "prompt",
-            Endpoint::Embeddings => "input",
-        }
+        self.input_of("messages", "prompt", "input")
     }
 
     fn streams(self) -> bool {
@@ -266,11 +289,7 @@ pub fn parse_request(endpoint: Endpoint, bytes: Bytes) -> Result<ParsedRequest, 
 /// [`parse_request`] through the one-pass reader; `None`: unusual, ask serde.
 fn parse_fast(endpoint: Endpoint, bytes: &Bytes) -> Option<Result<ParsedRequest, ApiError>> {
     let m = request::members(bytes).ok()?;
-    let input = match endpoint {
-        Endpoint::ChatCompletions => m.messages,
-        Endpoint::Completions => m.prompt,
-        Endpoint::Embeddings => m.input,
-    };
+    let input = endpoint.input_of(m.messages, m.prompt, m.input);
     let governing = Governing::of(
         [m.model, input, m.stream, m.stream_options],
         [m.max_completion_tokens, m.max_tokens],
@@ -291,11 +310,7 @@ fn parse_view(endpoint: Endpoint, bytes: &Bytes) -> Option<Result<ParsedRequest,
         let start = raw.get().as_ptr() as usize - bytes.as_ptr() as usize;
         start..start + raw.get().len()
     });
-    let input = match endpoint {
-        Endpoint::ChatCompletions => view.messages,
-        Endpoint::Completions => view.prompt,
-        Endpoint::Embeddings => view.input,
-    };
+    let input = endpoint.input_of(view.messages, view.prompt, view.input);
     let governing = Governing::of(
         [
             view.model.text(),

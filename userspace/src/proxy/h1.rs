@@ -37,6 +37,8 @@ use tokio::{
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
+use super::headers;
+
 /// Idle connections kept per backend.
 const MAX_IDLE: usize = 64;
 /// An idle connection older than this is closed rather than reused (servers
@@ -424,10 +426,14 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     let framing = framing(head.headers, status, method, version)?;
     // Where each kept header lies in the head, to slice the frozen bytes.
     let base = buf.as_ptr() as usize;
+    let named: Vec<&[u8]> = values(head.headers, "connection")
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .collect();
     let kept: Vec<_> = head
         .headers
         .iter()
-        .filter(|h| !is_framing_or_hop(h.name, head.headers))
+        .filter(|h| !stops_here(h.name, &named))
         .map(|h| {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
@@ -450,28 +456,14 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     Ok(Some(Parsed::Final(resp)))
 }
 
-/// Hop-by-hop names of RFC 9110 §7.6.1, their legacy kin, and the framing
-/// header this hop replaces.
-const NOT_FORWARDED: [&str; 10] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-];
-
-/// Whether a response header stops at this hop: a fixed one, or one the
-/// `Connection` header names.
-fn is_framing_or_hop(name: &str, all: &[httparse::Header<'_>]) -> bool {
-    NOT_FORWARDED.iter().any(|n| name.eq_ignore_ascii_case(n))
-        || values(all, "connection")
-            .flat_map(|v| v.split(|b| *b == b','))
-            .any(|named| named.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+/// Whether a response header stops at this hop: a hop-by-hop one, one the
+/// `Connection` header names (`named`), or the framing this hop replaces.
+fn stops_here(name: &str, named: &[&[u8]]) -> bool {
+    headers::is_hop_by_hop_name(name)
+        || name.eq_ignore_ascii_case("content-length")
+        || named
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// The values of every `name` header, in order.

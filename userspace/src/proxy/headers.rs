@@ -161,23 +161,29 @@ pub fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// The fixed hop-by-hop headers of RFC 9110 §7.6.1 that `http` names.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// The fixed hop-by-hop headers of RFC 9110 §7.6.1, lower case.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    // Their legacy kin.
+    "keep-alive",
+    "proxy-connection",
 ];
-
-/// Their legacy kin, which `http` has no constants for.
-const LEGACY_HOP_BY_HOP: [&str; 2] = ["keep-alive", "proxy-connection"];
 
 /// The fixed hop-by-hop headers of RFC 9110 §7.6.1 (and their legacy kin).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || LEGACY_HOP_BY_HOP.contains(&name.as_str())
+    // A `HeaderName` is lower case already.
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// [`is_hop_by_hop`] for a header name as it came off the wire.
+pub fn is_hop_by_hop_name(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ impl HeaderValues {
             let named = backends
                 .iter()
                 .enumerate()
-                .map(|(i, b)| (i as u32, b.name.as_str()));
+                .map(|(i, b)| (i as u32, &*b.name));
             for (id, name) in named.chain([(u32::MAX, "-")]) {
                 if let Ok(v) = HeaderValue::from_str(&format!("{name}; reason={reason}")) {
                     routes.insert((id, reason), v);

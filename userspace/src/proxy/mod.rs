@@ -67,8 +67,6 @@ pub struct Proxy {
     cfg: Arc<Loaded>,
     classifier: Classifier,
     backends: Vec<Backend>,
-    /// Backend names, shared with settlements and ledger rows.
-    backend_names: Vec<Arc<str>>,
     tags: Tags,
     metrics: Arc<Metrics>,
     meters: RequestMeters,
@@ -156,7 +154,7 @@ impl Proxy {
     ) -> Result<Proxy> {
         let backends = upstream::backends(&cfg)?;
         let router = Router::new(cfg.raw.routing.clone(), &cfg.routes, |name| {
-            backends.iter().position(|b| b.name == name).unwrap_or(0)
+            backends.iter().position(|b| &*b.name == name).unwrap_or(0)
         });
         let gates = backends
             .iter()
@@ -164,10 +162,6 @@ impl Proxy {
             .collect();
         Ok(Proxy {
             classifier: Classifier::from_config(&cfg),
-            backend_names: backends
-                .iter()
-                .map(|b| Arc::from(b.name.as_str()))
-                .collect(),
             header_values: HeaderValues::new(&cfg, &backends),
             meters: RequestMeters::new(&metrics),
             backends,
@@ -186,19 +180,6 @@ impl Proxy {
         &self.cfg
     }
 
-    /// An endpoint's path as the ledger records it (shared, not copied).
-    fn endpoint_name(&self, endpoint: Endpoint) -> Arc<str> {
-        static NAMES: std::sync::LazyLock<[Arc<str>; 3]> = std::sync::LazyLock::new(|| {
-            [
-                Endpoint::ChatCompletions,
-                Endpoint::Completions,
-                Endpoint::Embeddings,
-            ]
-            .map(|e| Arc::from(e.path()))
-        });
-        NAMES[endpoint as usize].clone()
-    }
-
     /// The budget engine (kept across reloads that do not change `[budget]`).
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
@@ -206,10 +187,7 @@ impl Proxy {
 
     /// The schedulers, for the feedback loop and `/status`.
     pub fn gates(&self) -> impl Iterator<Item = (&str, &Gate)> {
-        self.backends
-            .iter()
-            .map(|b| b.name.as_str())
-            .zip(&self.gates)
+        self.backends.iter().map(|b| &*b.name).zip(&self.gates)
     }
 
     async fn handle(
@@ -505,7 +483,7 @@ impl Proxy {
                 plan.reason as u8,
             ),
             || {
-                let arm = first.map_or("-", |b| self.backends[b].name.as_str());
+                let arm = first.map_or("-", |b| &*self.backends[b].name);
                 [model, arm, plan.reason.label()]
             },
             |c| c.inc(),
@@ -731,7 +709,7 @@ impl Proxy {
 
     /// Waits for a slot on `backend` per the scheduling policy.
     async fn acquire(&self, backend: usize, job: Job) -> Result<Permit, ApiError> {
-        let name = self.backends[backend].name.as_str();
+        let name = &*self.backends[backend].name;
         let class = self.cfg.class_name(job.class);
         match self.gates[backend].acquire(job).await {
             Ok(permit) => {
@@ -956,7 +934,7 @@ impl std::fmt::Display for RouteNote<'_> {
         match self.0 {
             None => f.write_str("-"),
             Some((backend, reason)) => {
-                let name = backend.map_or("-", |b| self.1[b].name.as_str());
+                let name = backend.map_or("-", |b| &*self.1[b].name);
                 write!(f, "{name}; reason={reason}")
             }
         }
@@ -996,7 +974,7 @@ impl Settlement {
         let class_id = ctx.identity.class;
         let class = proxy.cfg.class_name(class_id);
         let backend_id = ctx.route.backend;
-        let backend = &proxy.backend_names[backend_id];
+        let backend = &proxy.backends[backend_id].name;
         let (tenant_id, tenant) = tenant_key(ctx.identity.tenant.as_deref());
         let took = ctx.started.elapsed().as_secs_f64();
         match self.route {
@@ -1040,7 +1018,7 @@ impl Settlement {
                     request_id: ctx.request_id.clone(),
                     tenant: ctx.identity.tenant.clone().unwrap_or_else(|| Arc::from("")),
                     api_key: ctx.identity.api_key.clone(),
-                    route: proxy.endpoint_name(ctx.endpoint),
+                    route: ctx.endpoint.shared_path(),
                     backend: backend.clone(),
                     model: ctx.model.clone(),
                     usage: spent,

@@ -22,7 +22,8 @@ pub type UpstreamBody = h1::ResponseBody;
 
 /// One `[[backend]]`, ready to send to.
 pub struct Backend {
-    pub name: String,
+    /// Shared with settlements and ledger rows.
+    pub name: Arc<str>,
     /// The backend URL's path, without a trailing `/`: prefixes request paths.
     prefix: String,
     /// The path of each [`Endpoint`] (`Endpoint as usize`), built once rather
@@ -39,7 +40,7 @@ pub struct Backend {
 
 impl Backend {
     fn new(spec: &config::Backend, base: &Uri) -> Result<Backend> {
-        let name = spec.name.get_ref().clone();
+        let name: Arc<str> = spec.name.get_ref().as_str().into();
         let tls = match base.scheme_str() {
             Some("https") => Some(
                 super::tls::client_config(spec.ca_file.as_ref().map(|p| p.get_ref().as_path()))

@@ -64,18 +64,22 @@ impl ClassQueue {
 
     /// Serves the head of `tenant`'s queue (the one [`Self::peek`] chose).
     pub fn pop(&mut self, tenant: u32) -> Option<Waiting> {
-        let flow = self.flows.get(&tenant)?;
-        let start = self.start_tag(flow);
-        let flow = self.flows.get_mut(&tenant)?;
-        let job = flow.jobs.pop_front()?;
-        flow.last_finish = start + job.cost.max(1) as u128;
-        self.vtime = start;
+        let job = self.flows.get_mut(&tenant)?.jobs.pop_front()?;
         self.len -= 1;
-        // Forget tenants that are idle and owe nothing: their next start is vtime anyway.
-        let vtime = self.vtime;
-        self.flows
-            .retain(|_, f| !f.jobs.is_empty() || f.last_finish > vtime);
+        self.serve(tenant, job.cost);
         Some(job)
+    }
+
+    /// Moves `tenant`'s account by a job of `cost` served now.
+    fn serve(&mut self, tenant: u32, cost: u64) {
+        let vtime = self.vtime;
+        let flow = self.flows.entry(tenant).or_default();
+        let start = flow.last_finish.max(vtime);
+        flow.last_finish = start + cost.max(1) as u128;
+        self.vtime = start;
+        // Forget tenants that are idle and owe nothing: their next start is vtime anyway.
+        self.flows
+            .retain(|_, f| !f.jobs.is_empty() || f.last_finish > start);
     }
 
     /// Serves a job of `tenant` that never waited (nothing was queued in
@@ -83,13 +87,7 @@ impl ClassQueue {
     /// pushed and popped.
     pub fn serve_alone(&mut self, tenant: u32, cost: u64) {
         debug_assert_eq!(self.len, 0, "only when nothing waits");
-        let flow = self.flows.entry(tenant).or_default();
-        let start = flow.last_finish.max(self.vtime);
-        flow.last_finish = start + cost.max(1) as u128;
-        self.vtime = start;
-        let vtime = self.vtime;
-        self.flows
-            .retain(|_, f| !f.jobs.is_empty() || f.last_finish > vtime);
+        self.serve(tenant, cost);
     }
 
     /// Takes a job out wherever it waits (its client left or it timed out).

@@ -276,7 +276,7 @@ impl Scheduler {
             let Some(head) = self.choose(&heads, now) else {
                 break;
             };
-            self.start(head, now, true);
+            self.start_queued(head, now);
             started.push(head.id);
         }
         started
@@ -323,9 +323,7 @@ impl Scheduler {
         self.classes[job.class as usize]
             .queue
             .serve_alone(job.tenant, job.cost);
-        // As if queued and dispatched at once.
-        self.queued += 1;
-        self.start(head, now, false);
+        self.start(head, now);
         Ticket {
             id,
             class: job.class,
@@ -334,11 +332,16 @@ impl Scheduler {
         }
     }
 
-    fn start(&mut self, head: Head, now: Now, queued: bool) {
+    /// `head` leaves its queue and runs.
+    fn start_queued(&mut self, head: Head, now: Now) {
+        self.classes[head.class as usize].queue.pop(head.tenant);
+        self.queued -= 1;
+        self.start(head, now);
+    }
+
+    /// `head`, out of the queue, runs.
+    fn start(&mut self, head: Head, now: Now) {
         let class = &mut self.classes[head.class as usize];
-        if queued {
-            class.queue.pop(head.tenant);
-        }
         class.in_flight += 1;
         class.drain.departed(now.at);
         class.stats.admitted += 1;
@@ -349,7 +352,6 @@ impl Scheduler {
         if class.queue.len() == 0 {
             self.policy.idle(head.class);
         }
-        self.queued -= 1;
         self.in_flight += 1;
         self.drain.departed(now.at);
         *self.tenants_running.entry(head.tenant).or_insert(0) += 1;
