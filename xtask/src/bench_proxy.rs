@@ -397,8 +397,10 @@ fn summarise(
     };
     // A ratio of kedge to nginx taken within each round (the two ran seconds
     // apart, on the same machine state), then the median over rounds: the
-    // machine's drift between rounds cancels instead of adding noise.
-    let ratio = |stream: bool, c: usize, f: &dyn Fn(&Value, &Value) -> Option<f64>| -> f64 {
+    // machine's drift between rounds cancels instead of adding noise. None
+    // when nginx's figure was not positive in most rounds (an added latency
+    // where the direct baseline was the slower one: no ratio to take).
+    let ratio = |stream: bool, c: usize, f: &dyn Fn(&Value, &Value) -> Option<f64>| {
         let (d, n, k) = (
             rounds("direct", stream, c),
             rounds("nginx", stream, c),
@@ -414,12 +416,14 @@ fn summarise(
             })
             .collect();
         r.sort_by(f64::total_cmp);
-        r.get(r.len() / 2).copied().unwrap_or(0.0)
+        (2 * r.len() > d.len()).then(|| r[r.len() / 2])
     };
+    let shown = |r: Option<f64>| r.map_or("n/a".to_owned(), |r| format!("{r:.2}"));
     let throughput = |v: &Value, _: &Value| v["throughput_rps"].as_f64();
     let added_p99 = |v: &Value, d: &Value| {
         Some(v["latency_ms"]["p99"].as_f64()? - d["latency_ms"]["p99"].as_f64()?)
     };
+    let p99 = |v: &Value, _: &Value| v["latency_ms"]["p99"].as_f64();
     let cpu_of = |v: &Value, _: &Value| v["cpu_us_per_request"].as_f64();
     let mut md = String::new();
     let _ = writeln!(
@@ -432,9 +436,10 @@ fn summarise(
          load generator `kedge-load` pinned to CPU 0, proxy and upstream on CPU 1. Added latency = \
          proxied p50/p99 minus direct p50/p99 at the same concurrency. The kedge/nginx columns are \
          the median over rounds of the ratio within a round (nginx and kedge seconds apart), not the \
-         ratio of the medians.\n\n\
-         | stream | conc. | direct req/s | nginx req/s | kedge req/s | kedge/nginx throughput | nginx added p50/p99 ms | kedge added p50/p99 ms | kedge/nginx added p99 |\n\
-         |---|---|---|---|---|---|---|---|---|"
+         ratio of the medians; `n/a` where the direct baseline's p99 was above nginx's in most \
+         rounds (no added latency to compare; the total p99 ratio still is).\n\n\
+         | stream | conc. | direct req/s | nginx req/s | kedge req/s | kedge/nginx throughput | nginx added p50/p99 ms | kedge added p50/p99 ms | kedge/nginx added p99 | kedge/nginx p99 |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
     );
     for stream in [false, true] {
         for &c in concurrencies {
@@ -448,16 +453,17 @@ fn summarise(
             let added = |v: &Value, p: &str| (lat(v, p) - lat(&d, p)).max(0.0);
             let _ = writeln!(
                 md,
-                "| {stream} | {c} | {:.0} | {:.0} | {:.0} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2} |",
+                "| {stream} | {c} | {:.0} | {:.0} | {:.0} | {} | {:.3} / {:.3} | {:.3} / {:.3} | {} | {} |",
                 rps(&d),
                 rps(&n),
                 rps(&k),
-                ratio(stream, c, &throughput),
+                shown(ratio(stream, c, &throughput)),
                 added(&n, "p50"),
                 added(&n, "p99"),
                 added(&k, "p50"),
                 added(&k, "p99"),
-                ratio(stream, c, &added_p99),
+                shown(ratio(stream, c, &added_p99)),
+                shown(ratio(stream, c, &p99)),
             );
         }
     }
@@ -483,11 +489,11 @@ fn summarise(
             let lat = |v: &Value, q: &str| v["latency_ms"][q].as_f64().unwrap_or(0.0);
             let _ = writeln!(
                 md,
-                "| {stream} | {c} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.0} | {:.3} |",
+                "| {stream} | {c} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.0} | {:.3} |",
                 cpu(&d),
                 cpu(&n),
                 cpu(&k),
-                ratio(stream, c, &cpu_of),
+                shown(ratio(stream, c, &cpu_of)),
                 cpu(&p),
                 p["throughput_rps"].as_f64().unwrap_or(0.0),
                 (lat(&p, "p99") - lat(&d, "p99")).max(0.0),

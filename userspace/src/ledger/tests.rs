@@ -662,26 +662,225 @@ fn rollup_equals_per_row_in(zone: &str) {
     }
 }
 
+/// The ledger format of kedge before the batches: one `usage` row per
+/// request, written by SQL as that kedge wrote it.
+fn write_row_table(path: &Path, records: &[UsageRecord]) {
+    let mut conn = Connection::open(path).unwrap();
+    let tx = conn.transaction().unwrap();
+    tx.execute_batch(
+        "CREATE TABLE usage (
+            id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, tenant TEXT NOT NULL,
+            api_key TEXT, route TEXT NOT NULL, backend TEXT NOT NULL, model TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+            cached_tokens INTEGER NOT NULL, cost_micros INTEGER NOT NULL,
+            started_ns INTEGER NOT NULL, finished_ns INTEGER NOT NULL);
+         CREATE INDEX usage_started ON usage (started_ns);",
+    )
+    .unwrap();
+    for r in records {
+        tx.execute(
+            "INSERT INTO usage (request_id, tenant, api_key, route, backend, model,
+                prompt_tokens, completion_tokens, cached_tokens, cost_micros, started_ns,
+                finished_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                r.request_id,
+                &*r.tenant,
+                r.api_key.as_deref(),
+                &*r.route,
+                &*r.backend,
+                &*r.model,
+                int(r.usage.prompt_tokens),
+                int(r.usage.completion_tokens),
+                int(r.usage.cached_tokens),
+                int(r.usage.cost_micros),
+                nanos(r.started),
+                nanos(r.finished),
+            ],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+/// Every row of the `usage` view, in id order, as a record.
+fn read_back(path: &Path) -> Vec<UsageRecord> {
+    let conn = open_reader(path).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT request_id, tenant, api_key, route, backend, model, prompt_tokens,
+                    completion_tokens, cached_tokens, cost_micros, started_ns, finished_ns
+             FROM usage ORDER BY id",
+        )
+        .unwrap();
+    let at = |ns: i64| Timestamp::from_nanosecond(ns.into()).unwrap();
+    stmt.query_map([], |r| {
+        let n = |i| r.get::<_, i64>(i).map(|v| v as u64);
+        Ok(UsageRecord {
+            request_id: r.get(0)?,
+            tenant: r.get::<_, String>(1)?.into(),
+            api_key: r.get::<_, Option<String>>(2)?.map(Arc::from),
+            route: r.get::<_, String>(3)?.into(),
+            backend: r.get::<_, String>(4)?.into(),
+            model: r.get::<_, String>(5)?.into(),
+            usage: Usage {
+                prompt_tokens: n(6)?,
+                completion_tokens: n(7)?,
+                cached_tokens: n(8)?,
+                cost_micros: n(9)?,
+            },
+            started: at(r.get(10)?),
+            finished: at(r.get(11)?),
+        })
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
 #[test]
-fn a_ledger_from_before_the_rollup_is_backfilled_on_open() {
+fn the_usage_view_reads_back_every_field_as_written() {
+    let dir = TempDir::new();
+    let now = t("2026-05-04T10:00:00.123456789Z");
+    let mut odd = record(
+        1,
+        "quote\"back\\slash",
+        "/v1/chat/completions",
+        (7, 3),
+        12,
+        now,
+    );
+    odd.request_id = "line\nbreak\u{0}nul".into();
+    odd.api_key = Some("clé-🔑".into());
+    odd.model = "</script>".into();
+    let mut big = record(2, "a", "/v1/embeddings", (u64::MAX, 0), u64::MAX, now);
+    big.usage.cached_tokens = 1 << 53;
+    let rows = vec![odd, big, record(3, "b", "/v1/completions", (0, 0), 0, now)];
+    let mut conn = open_writer(&dir.db()).unwrap();
+    write_batch(&mut conn, &rows).unwrap();
+    drop(conn);
+    let mut expected = rows;
+    // Counts past i64 are stored saturated, as the columns are signed.
+    expected[1].usage.prompt_tokens = i64::MAX as u64;
+    expected[1].usage.cost_micros = i64::MAX as u64;
+    assert_eq!(read_back(&dir.db()), expected);
+}
+
+#[test]
+fn a_window_past_the_batch_size_writes_several_batches_in_order() {
+    let dir = TempDir::new();
+    let now = t("2026-05-04T10:00:00Z");
+    let n = ROWS_PER_BATCH * 2 + 7;
+    let rows: Vec<UsageRecord> = (0..n as u64)
+        .map(|i| {
+            record(
+                i,
+                "a",
+                "/v1/chat/completions",
+                (1, 1),
+                1,
+                now + Duration::from_micros(i),
+            )
+        })
+        .collect();
+    let mut conn = open_writer(&dir.db()).unwrap();
+    write_batch(&mut conn, &rows).unwrap();
+    let batches: i64 = conn
+        .query_row("SELECT COUNT(*) FROM usage_batch", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(batches, 3);
+    // Each batch's bounds are its rows' earliest and latest start.
+    let bounds_hold: bool = conn
+        .query_row(
+            "SELECT COUNT(*) = 0 FROM usage
+             WHERE started_ns < batch_first_started_ns OR started_ns > batch_last_started_ns",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(bounds_hold);
+    drop(conn);
+    assert_eq!(
+        read_back(&dir.db()),
+        rows,
+        "every row, in the order written"
+    );
+}
+
+#[test]
+fn a_ledger_in_the_row_format_is_migrated_and_rolled_up_on_open() {
     let cfg: BudgetConfig = toml::from_str(ROLLUP_BUDGET).unwrap();
     let now = t("2026-10-25T22:30:05.5Z");
     let plan = Budget::new(&cfg, now).unwrap().restore_plan(now);
     let mut rng = Rng(42);
     let history = random_history(&mut rng, &plan, now, 2000);
     let dir = TempDir::new();
-    let ledger = Ledger::open(&config(dir.db(), 5)).unwrap();
-    for r in &history[..1500] {
-        ledger.record(r.clone());
-    }
-    ledger.close().unwrap();
-    // What an older kedge left: the rows without the rollup.
+    // What an older kedge left: a row per request, and rollups whose
+    // watermark counts those rows' ids (a wrong sum here, to show they are
+    // not trusted).
+    write_row_table(&dir.db(), &history[..1500]);
     let old = Connection::open(dir.db()).unwrap();
+    old.execute_batch(ROLLUP_SCHEMA).unwrap();
     old.execute_batch(
-        "DROP TABLE usage_minute; DROP TABLE usage_hour; DROP TABLE usage_rollup_state;",
+        "INSERT INTO usage_rollup_state (through_id) VALUES (1500);
+         INSERT INTO usage_minute VALUES (1, 'x', NULL, 'local', 99, 99, 99, 0);
+         INSERT INTO usage_hour VALUES (0, 'x', NULL, 'local', 99, 99, 99, 0);",
     )
     .unwrap();
     drop(old);
+    let per_row = {
+        let conn = open_reader(&dir.db()).unwrap();
+        sorted(history_per_row(&conn, &plan).unwrap().0)
+    };
+    assert!(
+        usage_report(&dir.db(), plan.since, now).is_err(),
+        "asks for a restart first"
+    );
+
+    // Opening moves the rows into batches and rebuilds the rollups.
+    let ledger = Ledger::open(&config(dir.db(), 5)).unwrap();
+    assert_eq!(read_back(&dir.db()), history[..1500]);
+    let (rolled, again) = both_histories(&dir.db(), &plan);
+    assert_eq!(rolled, per_row);
+    assert_eq!(again, per_row);
+    assert_eq!(rolled_up(&dir.db()), (1500, 1500));
+    for r in &history[1500..] {
+        ledger.record(r.clone());
+    }
+    ledger.close().unwrap();
+    let (rolled, per_row) = both_histories(&dir.db(), &plan);
+    assert_eq!(rolled, per_row);
+    assert_eq!(rolled_up(&dir.db()), (2000, 2000));
+    assert_eq!(read_back(&dir.db()), history);
+    // Opened again: nothing left to migrate or roll up.
+    Ledger::open(&config(dir.db(), 5)).unwrap().close().unwrap();
+    assert_eq!(rolled_up(&dir.db()), (2000, 2000));
+}
+
+#[test]
+fn batches_written_without_the_rollup_are_rolled_up_on_open() {
+    let cfg: BudgetConfig = toml::from_str(ROLLUP_BUDGET).unwrap();
+    let now = t("2026-10-25T22:30:05.5Z");
+    let plan = Budget::new(&cfg, now).unwrap().restore_plan(now);
+    let history = random_history(&mut Rng(43), &plan, now, 2000);
+    let dir = TempDir::new();
+    let mut conn = open_writer(&dir.db()).unwrap();
+    for rows in history.chunks(100) {
+        write_batch(&mut conn, rows).unwrap();
+    }
+    let copied: i64 = conn
+        .query_row("SELECT COUNT(*) FROM usage WHERE batch % 3 = 0", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(copied > 0);
+    // Batches another tool appended, and no rollup at all.
+    conn.execute_batch(
+        "INSERT INTO usage_batch (first_started_ns, last_started_ns, rows)
+           SELECT first_started_ns, last_started_ns, rows FROM usage_batch WHERE id % 3 = 0;
+         DROP TABLE usage_minute; DROP TABLE usage_hour; DROP TABLE usage_rollup_state;",
+    )
+    .unwrap();
+    drop(conn);
     let per_row = {
         let conn = open_reader(&dir.db()).unwrap();
         assert!(!rollup_is_current(&conn).unwrap());
@@ -697,37 +896,13 @@ fn a_ledger_from_before_the_rollup_is_backfilled_on_open() {
     b2.restore(per_row.clone(), now);
     assert_eq!(b1.status(now), b2.status(now));
 
-    // Opening creates and fills the rollup; new rows add to it.
-    let ledger = Ledger::open(&config(dir.db(), 5)).unwrap();
+    Ledger::open(&config(dir.db(), 5)).unwrap().close().unwrap();
     let (rolled, again) = both_histories(&dir.db(), &plan);
     assert_eq!(rolled, per_row);
     assert_eq!(again, per_row);
-    for r in &history[1500..] {
-        ledger.record(r.clone());
-    }
-    ledger.close().unwrap();
-    let (rolled, per_row) = both_histories(&dir.db(), &plan);
-    assert_eq!(rolled, per_row);
-    assert_eq!(rolled_up(&dir.db()), (2000, 2000));
-
-    // Rows an older kedge appended to a rolled-up ledger are caught up on
-    // open as well (until then rebuild reads row by row).
-    let old = Connection::open(dir.db()).unwrap();
-    old.execute(
-        "INSERT INTO usage (request_id, tenant, api_key, route, backend, model,
-         prompt_tokens, completion_tokens, cached_tokens, cost_micros, started_ns, finished_ns)
-         SELECT request_id || '-old', tenant, api_key, route, backend, model, prompt_tokens,
-                completion_tokens, cached_tokens, cost_micros, started_ns, finished_ns
-         FROM usage WHERE id % 3 = 0",
-        [],
-    )
-    .unwrap();
-    drop(old);
-    assert!(!rollup_is_current(&open_reader(&dir.db()).unwrap()).unwrap());
-    Ledger::open(&config(dir.db(), 5)).unwrap().close().unwrap();
-    let (rolled, per_row) = both_histories(&dir.db(), &plan);
-    assert_eq!(rolled, per_row);
-    assert_eq!(rolled_up(&dir.db()), (2000 + 2000 / 3, 2000 + 2000 / 3));
+    // Every row, and the copies of the batches with an id divisible by 3.
+    let total = 2000 + copied as u64;
+    assert_eq!(rolled_up(&dir.db()), (total, total));
 }
 
 /// The requests the rollups sum (the same per minute and per hour), and the

@@ -441,7 +441,9 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
         })
         .collect();
     let bytes = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(kept.len());
+    // Room for the four kedge adds to every answer (x-request-id and the
+    // x-kedge-class, -tenant and -route tags): the map is not grown twice.
+    let mut headers = HeaderMap::with_capacity(kept.len() + 4);
     for &(name_start, name_end, value_start, value_end) in &kept {
         let name = HeaderName::from_bytes(&bytes[name_start..name_end])
             .map_err(|_| Error::Protocol("bad header name"))?;
