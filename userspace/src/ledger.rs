@@ -23,8 +23,8 @@
 //!
 //! # Format
 //!
-//! A window's rows are stored as one `usage_batch` row (their JSON, up to
-//! [`ROWS_PER_BATCH`] requests); the `usage` view shows them one row per
+//! A window's rows are stored as `usage_batch` rows of up to 64 requests
+//! each (their JSON); the `usage` view shows them one row per
 //! request with the columns a table would have (`sqlite3 ledger.sqlite
 //! 'SELECT * FROM usage'`). A ledger written by an older kedge (a `usage`
 //! table) is migrated on open, once, in one transaction. An older kedge
@@ -152,11 +152,12 @@ pub struct UsageRecord {
 /// rows with.
 const ROWS_PER_BATCH: usize = 64;
 
-/// The rows as written: one `usage_batch` row per group-commit window, its
-/// requests a JSON array of arrays in [`USAGE_VIEW`]'s column order. One
-/// B-tree insert and one bound value per window instead of a row, twelve
-/// values and an index entry per request: measured by callgrind, 2 200
-/// instructions a request against 9 400 (`docs/benchmarks.md`).
+/// The rows as written: a window's requests in `usage_batch` rows of up to
+/// [`ROWS_PER_BATCH`], each a JSON array of arrays in [`USAGE_VIEW`]'s
+/// column order. One B-tree insert and one bound value per batch instead of
+/// a row, twelve values and an index entry per request: 2 200 instructions
+/// a request against 9 400 in a callgrind run of the same rows
+/// (`docs/benchmarks.md`).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage_batch (
     id               INTEGER PRIMARY KEY,

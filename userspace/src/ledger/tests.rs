@@ -1010,9 +1010,18 @@ fn rebuild_timing_with_a_month_of_rows() {
     let s = Instant::now();
     drop(open_writer(&dir.db()).unwrap());
     let backfill = s.elapsed();
+    // A ledger of the same rows in the format of an older kedge, migrated
+    // (and rolled up) on open.
+    let old = TempDir::new();
+    write_row_table(&old.db(), &read_back(&dir.db()));
+    let s = Instant::now();
+    drop(open_writer(&old.db()).unwrap());
+    let migration = s.elapsed();
+    assert_eq!(count(&old.db()), n as u64);
     println!(
         "{rows} rows read back ({rollup_rows} rollup rows): per row {slow:?}, \
          rollup + raw {fast:?}, rebuild (restore included) {full:?}; \
-         one-time backfill of {n} rows {backfill:?}"
+         one-time backfill of {n} rows {backfill:?}; migration of {n} rows \
+         from the row format (rollups included) {migration:?}"
     );
 }
