@@ -41,8 +41,9 @@
 //! cost follows the month's hours and keys, not its requests, and the result
 //! is the one a GROUP BY over every row gives. `usage_rollup_state` holds the
 //! last batch summed: a ledger from before the rollups (or batches written
-//! by anything else) is rolled up once on open. `kedge usage` reads
-//! `usage`.
+//! by anything else) is rolled up once on open. The rollups also keep the
+//! route and the token kinds, so `kedge usage` reads them the same way: a
+//! month's report costs what its hours cost.
 //!
 //! SQLite is built from source (`rusqlite`'s `bundled`): a few seconds of C
 //! compile once buys the same SQLite on every host and CI without a system
@@ -254,27 +255,34 @@ fn has_row_table(conn: &Connection) -> rusqlite::Result<bool> {
 /// or inserts when nothing matched.
 const ROLLUP_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage_minute (
-    minute          INTEGER NOT NULL,  -- Unix time in minutes, floored
-    tenant          TEXT    NOT NULL,
-    api_key         TEXT,
-    backend         TEXT    NOT NULL,
-    requests        INTEGER NOT NULL,
-    tokens          INTEGER NOT NULL,  -- prompt + completion
-    cost_micros     INTEGER NOT NULL,
-    last_started_ns INTEGER NOT NULL   -- the latest started_ns summed
+    minute            INTEGER NOT NULL,  -- Unix time in minutes, floored
+    tenant            TEXT    NOT NULL,
+    api_key           TEXT,
+    backend           TEXT    NOT NULL,
+    route             TEXT    NOT NULL,
+    requests          INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens     INTEGER NOT NULL,
+    cost_micros       INTEGER NOT NULL,
+    last_started_ns   INTEGER NOT NULL   -- the latest started_ns summed
 );
-CREATE INDEX IF NOT EXISTS usage_minute_key ON usage_minute (minute, tenant, backend, api_key);
+CREATE INDEX IF NOT EXISTS usage_minute_key
+    ON usage_minute (minute, tenant, backend, route, api_key);
 CREATE TABLE IF NOT EXISTS usage_hour (
-    hour            INTEGER NOT NULL,  -- Unix time in hours, floored
-    tenant          TEXT    NOT NULL,
-    api_key         TEXT,
-    backend         TEXT    NOT NULL,
-    requests        INTEGER NOT NULL,
-    tokens          INTEGER NOT NULL,
-    cost_micros     INTEGER NOT NULL,
-    last_started_ns INTEGER NOT NULL
+    hour              INTEGER NOT NULL,  -- Unix time in hours, floored
+    tenant            TEXT    NOT NULL,
+    api_key           TEXT,
+    backend           TEXT    NOT NULL,
+    route             TEXT    NOT NULL,
+    requests          INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens     INTEGER NOT NULL,
+    cost_micros       INTEGER NOT NULL,
+    last_started_ns   INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS usage_hour_key ON usage_hour (hour, tenant, backend, api_key);
+CREATE INDEX IF NOT EXISTS usage_hour_key ON usage_hour (hour, tenant, backend, route, api_key);
 CREATE TABLE IF NOT EXISTS usage_rollup_state (
     through_id INTEGER NOT NULL        -- every usage_batch row with id <= this is summed
 );
@@ -488,10 +496,11 @@ fn catch_up_rollup(conn: &mut Connection) -> rusqlite::Result<()> {
         let mut groups = Vec::new();
         {
             let mut query = tx.prepare(&format!(
-                "SELECT {MINUTE_OF_STARTED}, tenant, api_key, backend, COUNT(*),
-                        SUM(prompt_tokens + completion_tokens), SUM(cost_micros), MAX(started_ns)
+                "SELECT {MINUTE_OF_STARTED}, tenant, api_key, backend, route, COUNT(*),
+                        SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
+                        SUM(cost_micros), MAX(started_ns)
                  FROM usage WHERE batch > ?1
-                 GROUP BY 1, tenant, api_key, backend"
+                 GROUP BY 1, tenant, api_key, backend, route"
             ))?;
             let mut it = query.query([through_id])?;
             while let Some(r) = it.next()? {
@@ -500,10 +509,13 @@ fn catch_up_rollup(conn: &mut Connection) -> rusqlite::Result<()> {
                     tenant: r.get(1)?,
                     api_key: r.get(2)?,
                     backend: r.get(3)?,
-                    requests: r.get(4)?,
-                    tokens: r.get(5)?,
-                    cost_micros: r.get(6)?,
-                    last_started_ns: r.get(7)?,
+                    route: r.get(4)?,
+                    requests: r.get(5)?,
+                    prompt_tokens: r.get(6)?,
+                    completion_tokens: r.get(7)?,
+                    cached_tokens: r.get(8)?,
+                    cost_micros: r.get(9)?,
+                    last_started_ns: r.get(10)?,
                 };
                 rows += g.requests;
                 groups.push(g);
@@ -533,8 +545,11 @@ struct MinuteGroup {
     tenant: String,
     api_key: Option<String>,
     backend: String,
+    route: String,
     requests: i64,
-    tokens: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    cached_tokens: i64,
     cost_micros: i64,
     last_started_ns: i64,
 }
@@ -546,22 +561,35 @@ struct GroupRef<'a> {
     tenant: &'a str,
     api_key: Option<&'a str>,
     backend: &'a str,
+    route: &'a str,
     requests: i64,
-    tokens: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    cached_tokens: i64,
     cost_micros: i64,
     last_started_ns: i64,
 }
 
 impl<'a> GroupRef<'a> {
-    /// What groups are summed by: bucket, tenant, key and backend.
-    fn key(&self) -> (i64, &'a str, Option<&'a str>, &'a str) {
-        (self.bucket, self.tenant, self.api_key, self.backend)
+    /// What groups are summed by: bucket, tenant, key, backend and route.
+    fn key(&self) -> (i64, &'a str, Option<&'a str>, &'a str, &'a str) {
+        (
+            self.bucket,
+            self.tenant,
+            self.api_key,
+            self.backend,
+            self.route,
+        )
     }
 
-    /// Adds `other`, a group with the same bucket, tenant, key and backend.
+    /// Adds `other`, a group with the same key.
     fn absorb(&mut self, other: &GroupRef<'_>) {
         self.requests = self.requests.saturating_add(other.requests);
-        self.tokens = self.tokens.saturating_add(other.tokens);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_add(other.cached_tokens);
         self.cost_micros = self.cost_micros.saturating_add(other.cost_micros);
         self.last_started_ns = self.last_started_ns.max(other.last_started_ns);
     }
@@ -596,8 +624,11 @@ impl MinuteGroup {
             tenant: &self.tenant,
             api_key: self.api_key.as_deref(),
             backend: &self.backend,
+            route: &self.route,
             requests: self.requests,
-            tokens: self.tokens,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_tokens: self.cached_tokens,
             cost_micros: self.cost_micros,
             last_started_ns: self.last_started_ns,
         }
@@ -629,17 +660,19 @@ fn add_to_rollups<'a>(
 fn rollup_update(level: Level) -> String {
     let Level { table, column, .. } = level;
     format!(
-        "UPDATE {table} SET requests = requests + ?5, tokens = tokens + ?6,
-            cost_micros = cost_micros + ?7, last_started_ns = MAX(last_started_ns, ?8)
-         WHERE {column} = ?1 AND tenant = ?2 AND backend = ?4 AND api_key IS ?3"
+        "UPDATE {table} SET requests = requests + ?6, prompt_tokens = prompt_tokens + ?7,
+            completion_tokens = completion_tokens + ?8, cached_tokens = cached_tokens + ?9,
+            cost_micros = cost_micros + ?10, last_started_ns = MAX(last_started_ns, ?11)
+         WHERE {column} = ?1 AND tenant = ?2 AND backend = ?4 AND route = ?5 AND api_key IS ?3"
     )
 }
 
 fn rollup_insert(level: Level) -> String {
     let Level { table, column, .. } = level;
     format!(
-        "INSERT INTO {table} ({column}, tenant, api_key, backend, requests, tokens,
-            cost_micros, last_started_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        "INSERT INTO {table} ({column}, tenant, api_key, backend, route, requests,
+            prompt_tokens, completion_tokens, cached_tokens, cost_micros, last_started_ns)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
     )
 }
 
@@ -653,8 +686,11 @@ fn add_one(
         g.tenant,
         g.api_key,
         g.backend,
+        g.route,
         g.requests,
-        g.tokens,
+        g.prompt_tokens,
+        g.completion_tokens,
+        g.cached_tokens,
         g.cost_micros,
         g.last_started_ns,
     ];
@@ -801,8 +837,11 @@ fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result
             tenant: &r.tenant,
             api_key: r.api_key.as_deref(),
             backend: &r.backend,
+            route: &r.route,
             requests: 1,
-            tokens: int(r.usage.prompt_tokens).saturating_add(int(r.usage.completion_tokens)),
+            prompt_tokens: int(r.usage.prompt_tokens),
+            completion_tokens: int(r.usage.completion_tokens),
+            cached_tokens: int(r.usage.cached_tokens),
             cost_micros: int(r.usage.cost_micros),
             last_started_ns: started,
         }
@@ -1020,8 +1059,8 @@ fn history_from_rollup(
             Piece::Rollup(level, from, to) => {
                 let Level { table, column, ns } = level;
                 let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT tenant, api_key, backend, requests, tokens, cost_micros,
-                            last_started_ns, {}
+                    "SELECT tenant, api_key, backend, requests,
+                            prompt_tokens + completion_tokens, cost_micros, last_started_ns, {}
                      FROM {table} WHERE {column} >= ?5 AND {column} < ?6",
                     group_terms(&format!("{column} * {ns}"), column, "0")
                 ))?;
@@ -1093,7 +1132,7 @@ pub struct UsageRow {
 /// Spend per tenant and route of the requests started in `[from, to)`,
 /// sorted by tenant then route.
 pub fn usage_report(path: &Path, from: Timestamp, to: Timestamp) -> anyhow::Result<Vec<UsageRow>> {
-    let conn = open_reader(path)?;
+    let mut conn = open_reader(path)?;
     if has_row_table(&conn)? {
         anyhow::bail!(
             "the ledger {} is in the format of an older kedge; restart the kedge service \
@@ -1101,29 +1140,73 @@ pub fn usage_report(path: &Path, from: Timestamp, to: Timestamp) -> anyhow::Resu
             path.display()
         );
     }
-    let mut query = conn.prepare(&format!(
-        "SELECT tenant, route, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),
-                SUM(cached_tokens), SUM(cost_micros)
-         FROM usage WHERE {}
-         GROUP BY tenant, route ORDER BY tenant, route",
-        started_within("?1", "?2")
-    ))?;
-    let rows = query
-        .query_map(params![nanos(from), nanos(to)], |row| {
+    // One read transaction: the rollups and the rows are one snapshot.
+    let tx = conn.transaction()?;
+    let from_rollup = rollup_is_current(&tx)?;
+    report(&tx, nanos(from), nanos(to), from_rollup)
+        .with_context(|| format!("cannot read the ledger {}", path.display()))
+}
+
+/// The spend of requests started in `[from, to)`: whole hours and minutes
+/// from the rollups (`from_rollup`), raw rows only where a period's ends
+/// split a minute, so a month costs what its hours cost, not its requests;
+/// else every row.
+fn report(
+    conn: &Connection,
+    from: i64,
+    to: i64,
+    from_rollup: bool,
+) -> rusqlite::Result<Vec<UsageRow>> {
+    let mut pieces = Vec::new();
+    if from_rollup {
+        cover(&[HOURS, MINUTES], from, to, &mut pieces);
+    } else if from < to {
+        pieces.push(Piece::Rows(from, Some(to)));
+    }
+    let mut sums = std::collections::BTreeMap::<(String, String), UsageRow>::new();
+    for piece in pieces {
+        let (sql, lo, hi) = match piece {
+            Piece::Rollup(Level { table, column, .. }, lo, hi) => (
+                format!(
+                    "SELECT tenant, route, SUM(requests), SUM(prompt_tokens),
+                            SUM(completion_tokens), SUM(cached_tokens), SUM(cost_micros)
+                     FROM {table} WHERE {column} >= ?1 AND {column} < ?2
+                     GROUP BY tenant, route"
+                ),
+                lo,
+                Some(hi),
+            ),
+            Piece::Rows(lo, hi) => (
+                format!(
+                    "SELECT tenant, route, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),
+                            SUM(cached_tokens), SUM(cost_micros)
+                     FROM usage WHERE {} GROUP BY tenant, route",
+                    started_within("?1", "?2")
+                ),
+                lo,
+                hi,
+            ),
+        };
+        let mut stmt = conn.prepare(&sql)?;
+        let mut it = stmt.query(params![lo, hi])?;
+        while let Some(row) = it.next()? {
             let n = |i| row.get::<_, i64>(i).map(|v| v.max(0) as u64);
-            Ok(UsageRow {
-                tenant: row.get(0)?,
-                route: row.get(1)?,
-                requests: n(2)?,
-                prompt_tokens: n(3)?,
-                completion_tokens: n(4)?,
-                cached_tokens: n(5)?,
-                cost_micros: n(6)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("cannot read the ledger {}", path.display()))?;
-    Ok(rows)
+            let (tenant, route): (String, String) = (row.get(0)?, row.get(1)?);
+            let sum = sums
+                .entry((tenant.clone(), route.clone()))
+                .or_insert_with(|| UsageRow {
+                    tenant,
+                    route,
+                    ..UsageRow::default()
+                });
+            sum.requests += n(2)?;
+            sum.prompt_tokens += n(3)?;
+            sum.completion_tokens += n(4)?;
+            sum.cached_tokens += n(5)?;
+            sum.cost_micros += n(6)?;
+        }
+    }
+    Ok(sums.into_values().collect())
 }
 
 /// The rows as an aligned text table with a total line.

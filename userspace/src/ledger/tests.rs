@@ -343,6 +343,47 @@ TOTAL                                4     517          58     258  $21.250415
     );
 }
 
+#[test]
+fn a_report_from_the_rollups_equals_the_report_from_every_row() {
+    let cfg: BudgetConfig = toml::from_str(ROLLUP_BUDGET).unwrap();
+    let now = t("2026-10-25T22:30:05.5Z");
+    let plan = Budget::new(&cfg, now).unwrap().restore_plan(now);
+    let mut rng = Rng(44);
+    let history = random_history(&mut rng, &plan, now, 3000);
+    let dir = TempDir::new();
+    let ledger = Ledger::open(&config(dir.db(), 5)).unwrap();
+    for r in &history {
+        ledger.record(r.clone());
+    }
+    ledger.close().unwrap();
+    let conn = open_reader(&dir.db()).unwrap();
+    assert!(rollup_is_current(&conn).unwrap());
+    // Periods with ends anywhere: on hours, on minutes, between, and at the
+    // rows' own start times (a row on an end is in or out by one nanosecond).
+    let starts: Vec<i64> = history.iter().map(|r| nanos(r.started)).collect();
+    let instant = |rng: &mut Rng| -> i64 {
+        let at = starts[rng.below(starts.len() as u64) as usize];
+        match rng.below(4) {
+            0 => at,
+            1 => at.div_euclid(MINUTES.ns) * MINUTES.ns,
+            2 => at.div_euclid(HOURS.ns) * HOURS.ns,
+            _ => at + rng.below(2 * HOURS.ns as u64) as i64 - HOURS.ns,
+        }
+    };
+    let mut whole = 0;
+    for _ in 0..200 {
+        let (a, b) = (instant(&mut rng), instant(&mut rng));
+        let (lo, hi) = (a.min(b), a.max(b));
+        let rolled = report(&conn, lo, hi, true).unwrap();
+        let per_row = report(&conn, lo, hi, false).unwrap();
+        assert_eq!(rolled, per_row, "[{lo}, {hi})");
+        whole += usize::from(hi - lo > HOURS.ns);
+    }
+    assert!(whole > 20, "periods spanning whole hours: {whole}");
+    let all = report(&conn, i64::MIN, i64::MAX, true).unwrap();
+    assert_eq!(all.iter().map(|r| r.requests).sum::<u64>(), 3000);
+}
+
 const CHILD_ENV: &str = "KEDGE_LEDGER_KILL_CHILD";
 const KILL_WINDOW_MS: u64 = 50;
 
@@ -590,13 +631,13 @@ fn random_history(rng: &mut Rng, plan: &RestorePlan, now: Timestamp, n: usize) -
                 request_id: format!("req-{i}"),
                 tenant: tenant.into(),
                 api_key: api_key.map(Arc::from),
-                route: "/v1/chat/completions".into(),
+                route: ["/v1/chat/completions", "/v1/embeddings"][rng.below(2) as usize].into(),
                 backend: backend.into(),
                 model: "m".into(),
                 usage: Usage {
                     prompt_tokens: rng.below(2000),
                     completion_tokens: rng.below(1000),
-                    cached_tokens: 0,
+                    cached_tokens: rng.below(500),
                     cost_micros: rng.below(50_000),
                 },
                 started,
@@ -822,8 +863,8 @@ fn a_ledger_in_the_row_format_is_migrated_and_rolled_up_on_open() {
     old.execute_batch(ROLLUP_SCHEMA).unwrap();
     old.execute_batch(
         "INSERT INTO usage_rollup_state (through_id) VALUES (1500);
-         INSERT INTO usage_minute VALUES (1, 'x', NULL, 'local', 99, 99, 99, 0);
-         INSERT INTO usage_hour VALUES (0, 'x', NULL, 'local', 99, 99, 99, 0);",
+         INSERT INTO usage_minute VALUES (1, 'x', NULL, 'local', '/', 99, 99, 99, 99, 99, 0);
+         INSERT INTO usage_hour VALUES (0, 'x', NULL, 'local', '/', 99, 99, 99, 99, 99, 0);",
     )
     .unwrap();
     drop(old);
@@ -1010,6 +1051,18 @@ fn rebuild_timing_with_a_month_of_rows() {
     let s = Instant::now();
     drop(open_writer(&dir.db()).unwrap());
     let backfill = s.elapsed();
+    // `kedge usage` over the month so far, from the rollups and row by row.
+    let (lo, hi) = (nanos(month_start), nanos(now));
+    let timed = |from_rollup| {
+        let s = Instant::now();
+        let rows = report(&conn, lo, hi, from_rollup).unwrap();
+        (s.elapsed(), rows)
+    };
+    let ((report_fast, a), (report_slow, b)) = (timed(true), timed(false));
+    assert_eq!(a, b);
+    println!(
+        "usage report of the month: from the rollups {report_fast:?}, row by row {report_slow:?}"
+    );
     // A ledger of the same rows in the format of an older kedge, migrated
     // (and rolled up) on open.
     let old = TempDir::new();
