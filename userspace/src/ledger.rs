@@ -147,6 +147,42 @@ pub struct UsageRecord {
     pub finished: Timestamp,
 }
 
+/// A request's `usage` columns in [`USAGE_VIEW`]'s order: what a batch
+/// stores of it, as a JSON array.
+type Columns<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    &'a str,
+    &'a str,
+    &'a str,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+);
+
+impl UsageRecord {
+    fn columns(&self) -> Columns<'_> {
+        (
+            &self.request_id,
+            &self.tenant,
+            self.api_key.as_deref(),
+            &self.route,
+            &self.backend,
+            &self.model,
+            int(self.usage.prompt_tokens),
+            int(self.usage.completion_tokens),
+            int(self.usage.cached_tokens),
+            int(self.usage.cost_micros),
+            nanos(self.started),
+            nanos(self.finished),
+        )
+    }
+}
+
 /// Rows per `usage_batch` row: a window with more rows writes several
 /// batches, and the writer gives the core back after each (see
 /// [`write_batch`]). Also the stride of the row ids [`USAGE_VIEW`] numbers
@@ -215,7 +251,7 @@ fn migrate_row_table(conn: &mut Connection) -> rusqlite::Result<()> {
     let started = Instant::now();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch(SCHEMA)?;
-    let rows = tx.execute(
+    let batches = tx.execute(
         &format!(
             "INSERT INTO usage_batch (first_started_ns, last_started_ns, rows)
              SELECT MIN(started_ns), MAX(started_ns),
@@ -233,7 +269,7 @@ fn migrate_row_table(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.execute_batch(&USAGE_VIEW)?;
     tx.commit()?;
     tracing::info!(
-        batches = rows,
+        batches,
         took_ms = started.elapsed().as_millis() as u64,
         "ledger: per-request rows moved into batches (once, for a ledger written by an older kedge)"
     );
@@ -253,40 +289,35 @@ fn has_row_table(conn: &Connection) -> rusqlite::Result<bool> {
 /// `api_key` is nullable like in `usage`, so the key is not a UNIQUE
 /// constraint (SQLite treats NULLs as distinct): the single writer updates,
 /// or inserts when nothing matched.
-const ROLLUP_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS usage_minute (
-    minute            INTEGER NOT NULL,  -- Unix time in minutes, floored
-    tenant            TEXT    NOT NULL,
-    api_key           TEXT,
-    backend           TEXT    NOT NULL,
-    route             TEXT    NOT NULL,
-    requests          INTEGER NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cached_tokens     INTEGER NOT NULL,
-    cost_micros       INTEGER NOT NULL,
-    last_started_ns   INTEGER NOT NULL   -- the latest started_ns summed
-);
-CREATE INDEX IF NOT EXISTS usage_minute_key
-    ON usage_minute (minute, tenant, backend, route, api_key);
-CREATE TABLE IF NOT EXISTS usage_hour (
-    hour              INTEGER NOT NULL,  -- Unix time in hours, floored
-    tenant            TEXT    NOT NULL,
-    api_key           TEXT,
-    backend           TEXT    NOT NULL,
-    route             TEXT    NOT NULL,
-    requests          INTEGER NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cached_tokens     INTEGER NOT NULL,
-    cost_micros       INTEGER NOT NULL,
-    last_started_ns   INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS usage_hour_key ON usage_hour (hour, tenant, backend, route, api_key);
-CREATE TABLE IF NOT EXISTS usage_rollup_state (
-    through_id INTEGER NOT NULL        -- every usage_batch row with id <= this is summed
-);
-";
+static ROLLUP_SCHEMA: LazyLock<String> = LazyLock::new(|| {
+    let mut sql = String::new();
+    for Level { table, column, .. } in [MINUTES, HOURS] {
+        let _ = write!(
+            sql,
+            "CREATE TABLE IF NOT EXISTS {table} (
+                {column}          INTEGER NOT NULL,  -- Unix time in {column}s, floored
+                tenant            TEXT    NOT NULL,
+                api_key           TEXT,
+                backend           TEXT    NOT NULL,
+                route             TEXT    NOT NULL,
+                requests          INTEGER NOT NULL,
+                prompt_tokens     INTEGER NOT NULL,
+                completion_tokens INTEGER NOT NULL,
+                cached_tokens     INTEGER NOT NULL,
+                cost_micros       INTEGER NOT NULL,
+                last_started_ns   INTEGER NOT NULL   -- the latest started_ns summed
+            );
+            CREATE INDEX IF NOT EXISTS {table}_key
+                ON {table} ({column}, tenant, backend, route, api_key);\n"
+        );
+    }
+    sql.push_str(
+        "CREATE TABLE IF NOT EXISTS usage_rollup_state (
+            through_id INTEGER NOT NULL  -- every usage_batch row with id <= this is summed
+        );",
+    );
+    sql
+});
 
 /// One rollup table: its name, its bucket column and the bucket's length.
 #[derive(Clone, Copy)]
@@ -475,7 +506,7 @@ fn open_writer(path: &Path) -> anyhow::Result<Connection> {
 fn catch_up_rollup(conn: &mut Connection) -> rusqlite::Result<()> {
     let started = Instant::now();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    tx.execute_batch(ROLLUP_SCHEMA)?;
+    tx.execute_batch(&ROLLUP_SCHEMA)?;
     let through: Option<i64> =
         tx.query_row("SELECT MAX(through_id) FROM usage_rollup_state", [], |r| {
             r.get(0)
@@ -795,22 +826,7 @@ fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result
             if n > 0 {
                 json.push(b',');
             }
-            // USAGE_VIEW's column order.
-            let row = (
-                &r.request_id,
-                &*r.tenant,
-                r.api_key.as_deref(),
-                &*r.route,
-                &*r.backend,
-                &*r.model,
-                int(r.usage.prompt_tokens),
-                int(r.usage.completion_tokens),
-                int(r.usage.cached_tokens),
-                int(r.usage.cost_micros),
-                started,
-                nanos(r.finished),
-            );
-            serde_json::to_writer(&mut json, &row)
+            serde_json::to_writer(&mut json, &r.columns())
                 .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         }
         json.push(b']');

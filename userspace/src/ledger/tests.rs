@@ -723,20 +723,7 @@ fn write_row_table(path: &Path, records: &[UsageRecord]) {
             "INSERT INTO usage (request_id, tenant, api_key, route, backend, model,
                 prompt_tokens, completion_tokens, cached_tokens, cost_micros, started_ns,
                 finished_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
-                r.request_id,
-                &*r.tenant,
-                r.api_key.as_deref(),
-                &*r.route,
-                &*r.backend,
-                &*r.model,
-                int(r.usage.prompt_tokens),
-                int(r.usage.completion_tokens),
-                int(r.usage.cached_tokens),
-                int(r.usage.cost_micros),
-                nanos(r.started),
-                nanos(r.finished),
-            ],
+            r.columns(),
         )
         .unwrap();
     }
@@ -860,7 +847,7 @@ fn a_ledger_in_the_row_format_is_migrated_and_rolled_up_on_open() {
     // not trusted).
     write_row_table(&dir.db(), &history[..1500]);
     let old = Connection::open(dir.db()).unwrap();
-    old.execute_batch(ROLLUP_SCHEMA).unwrap();
+    old.execute_batch(&ROLLUP_SCHEMA).unwrap();
     old.execute_batch(
         "INSERT INTO usage_rollup_state (through_id) VALUES (1500);
          INSERT INTO usage_minute VALUES (1, 'x', NULL, 'local', '/', 99, 99, 99, 99, 99, 0);
