@@ -132,7 +132,7 @@ impl LedgerConfig {
 /// One committed request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageRecord {
-    pub request_id: String,
+    pub request_id: Arc<str>,
     /// Names are shared with the proxy's config (no copy per request).
     pub tenant: Arc<str>,
     /// The API key's id, never the secret.

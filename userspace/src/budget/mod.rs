@@ -89,6 +89,7 @@ use std::{
 
 use jiff::{Timestamp, tz::TimeZone};
 use kedge_common::TenantState;
+use smallvec::SmallVec;
 
 use crate::idhash::IdHasher;
 
@@ -250,7 +251,7 @@ struct Hold {
 #[must_use = "a reservation must be committed or rolled back"]
 #[derive(Debug)]
 pub struct Reservation {
-    holds: Vec<Hold>,
+    holds: SmallVec<[Hold; 4]>,
     estimate: Charge,
     output_allowance: u64,
     started: Timestamp,
@@ -685,16 +686,18 @@ struct Engine {
 }
 
 impl Engine {
-    fn applicable(&self, s: Subject) -> Vec<usize> {
-        let mut ix = Vec::new();
+    /// The limits that apply to `s` (its tenant's, its key's, the backend
+    /// pool's): a few, kept inline.
+    fn applicable(&self, s: Subject) -> SmallVec<[usize; 8]> {
+        let mut ix = SmallVec::new();
         if let Some(t) = self.tenants.get(s.tenant) {
-            ix.extend(&t.limits);
+            ix.extend_from_slice(&t.limits);
             if let Some(k) = s.api_key.and_then(|k| t.keys.get(k)) {
-                ix.extend(k);
+                ix.extend_from_slice(k);
             }
         }
         if let Some(p) = s.backend.and_then(|b| self.pools.get(b)) {
-            ix.extend(p);
+            ix.extend_from_slice(p);
         }
         ix
     }

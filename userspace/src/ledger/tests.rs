@@ -57,7 +57,7 @@ fn record(
     started: Timestamp,
 ) -> UsageRecord {
     UsageRecord {
-        request_id: format!("req-{id}"),
+        request_id: format!("req-{id}").into(),
         tenant: tenant.into(),
         api_key: None,
         route: route.into(),
@@ -234,7 +234,7 @@ fn a_rebuilt_budget_equals_the_one_that_recorded() {
         let finished = started + Duration::from_secs(2);
         live.commit(r, usage, finished);
         ledger.record(UsageRecord {
-            request_id: format!("req-{i}"),
+            request_id: format!("req-{i}").into(),
             tenant: tenant.into(),
             api_key: key.map(Arc::from),
             route: "/v1/chat/completions".into(),
@@ -628,7 +628,7 @@ fn random_history(rng: &mut Rng, plan: &RestorePlan, now: Timestamp, n: usize) -
             let api_key = [None, Some("bot"), Some("")][rng.below(3) as usize];
             let backend = ["cloud", "local"][rng.below(2) as usize];
             UsageRecord {
-                request_id: format!("req-{i}"),
+                request_id: format!("req-{i}").into(),
                 tenant: tenant.into(),
                 api_key: api_key.map(Arc::from),
                 route: ["/v1/chat/completions", "/v1/embeddings"][rng.below(2) as usize].into(),
@@ -744,7 +744,7 @@ fn read_back(path: &Path) -> Vec<UsageRecord> {
     stmt.query_map([], |r| {
         let n = |i| r.get::<_, i64>(i).map(|v| v as u64);
         Ok(UsageRecord {
-            request_id: r.get(0)?,
+            request_id: r.get::<_, String>(0)?.into(),
             tenant: r.get::<_, String>(1)?.into(),
             api_key: r.get::<_, Option<String>>(2)?.map(Arc::from),
             route: r.get::<_, String>(3)?.into(),
@@ -975,7 +975,7 @@ fn rebuild_timing_with_a_month_of_rows() {
         let at = month_start.as_nanosecond() + span * i as i128 / n as i128;
         let started = Timestamp::from_nanosecond(at).unwrap();
         batch.push(UsageRecord {
-            request_id: format!("req-{i}"),
+            request_id: format!("req-{i}").into(),
             tenant: ["a", "b", "c"][rng.below(3) as usize].into(),
             api_key: [None, Some(Arc::from("bot"))][rng.below(2) as usize].clone(),
             route: "/v1/chat/completions".into(),

@@ -358,6 +358,11 @@ impl<'a> Governing<'a> {
         model_span: Option<Range<usize>>,
     ) -> Result<ParsedRequest, ApiError> {
         let model = match self.model {
+            // The raw value is checked JSON: without a backslash its content is
+            // the name as is; an escaped one is decoded by serde.
+            Field::Other(m) if m.starts_with('"') && !m.contains('\\') => {
+                Some(m[1..m.len() - 1].to_owned()).filter(|m| !m.is_empty())
+            }
             Field::Other(m) if m.starts_with('"') => serde_json::from_str::<String>(m)
                 .ok()
                 .filter(|m| !m.is_empty()),
@@ -737,6 +742,8 @@ mod tests {
             r#"{"model":"","prompt":"x"}"#,
             r#"{"model":null,"prompt":"x"}"#,
             r#"{"model":"\u006d","prompt":"x","stream":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"model":"m\"x\\","prompt":"x"}"#,
+            r#"{"model":"llama-3.1-70b/é","prompt":"x"}"#,
             r#"{"model":"m","messages":{"role":"user"}}"#,
             r#"{"model":"m","messages":[]} trailing"#,
         ] {

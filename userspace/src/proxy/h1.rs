@@ -31,6 +31,7 @@ use hyper::{
     header::{HeaderName, HeaderValue},
 };
 use rustls::{ClientConfig, pki_types::ServerName};
+use smallvec::SmallVec;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
@@ -430,7 +431,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
         .flat_map(|v| v.split(|b| *b == b','))
         .map(<[u8]>::trim_ascii)
         .collect();
-    let kept: Vec<_> = head
+    let kept: SmallVec<[_; 16]> = head
         .headers
         .iter()
         .filter(|h| !stops_here(h.name, &named))

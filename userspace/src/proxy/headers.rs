@@ -4,7 +4,10 @@
 
 use std::{
     net::IpAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use hyper::{
@@ -19,13 +22,14 @@ pub const X_KEDGE_TENANT: HeaderName = HeaderName::from_static("x-kedge-tenant")
 pub const X_KEDGE_ROUTE: HeaderName = HeaderName::from_static("x-kedge-route");
 
 /// The client's `x-request-id` if it sent a sane one, else a fresh one.
-pub fn request_id(headers: &HeaderMap) -> String {
+/// Shared: the request context, its log lines and its ledger row hold it.
+pub fn request_id(headers: &HeaderMap) -> Arc<str> {
     if let Some(v) = headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok())
         && !v.is_empty()
         && v.len() <= 128
         && v.bytes().all(|b| b.is_ascii_graphic())
     {
-        return v.to_string();
+        return Arc::from(v);
     }
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
@@ -43,7 +47,7 @@ pub fn request_id(headers: &HeaderMap) -> String {
     push_hex(&mut id, start, 16);
     id.push('-');
     push_hex(&mut id, n & 0xffff_ffff, 8);
-    id
+    Arc::from(id)
 }
 
 /// `value` as `digits` lower-case hex digits.
@@ -265,7 +269,7 @@ mod tests {
     fn request_id_is_propagated_or_generated() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&h), "abc-123");
+        assert_eq!(&*request_id(&h), "abc-123");
         let a = request_id(&HeaderMap::new());
         let b = request_id(&HeaderMap::new());
         assert!(a.starts_with("kedge-") && a != b);

@@ -18,6 +18,7 @@ mod server;
 mod stream;
 pub mod tls;
 pub mod upstream;
+mod whole;
 
 use std::{
     net::SocketAddr,
@@ -28,7 +29,7 @@ use std::{
 use anyhow::Result;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode,
     body::Incoming,
@@ -42,6 +43,7 @@ pub use server::{ConnInfo, Tags};
 use stream::{Meter, MeteredStream};
 use tokio::sync::watch;
 use upstream::{Backend, UpstreamBody, bad_gateway};
+use whole::{WholeError, read_whole};
 
 use charge::Charge;
 
@@ -106,7 +108,7 @@ impl ProxySlot {
 /// Everything the pipeline knows about a request once it is routed.
 #[derive(Debug)]
 pub struct RequestCtx {
-    pub request_id: String,
+    pub request_id: Arc<str>,
     pub peer: SocketAddr,
     pub identity: Identity,
     pub endpoint: Endpoint,
@@ -255,7 +257,7 @@ impl Proxy {
         self: &Arc<Self>,
         req: Request<Incoming>,
         conn: ConnInfo,
-        request_id: &str,
+        request_id: &Arc<str>,
         labels: &mut Labels,
     ) -> Result<Response<Body>, ApiError> {
         let (parts, body) = req.into_parts();
@@ -288,7 +290,7 @@ impl Proxy {
         identity.check_model(&parsed.model)?;
         let route = self.find_route(&parsed.model)?;
         let mut ctx = RequestCtx {
-            request_id: request_id.to_string(),
+            request_id: request_id.clone(),
             peer: conn.peer,
             identity,
             endpoint,
@@ -357,9 +359,7 @@ impl Proxy {
             return Err(too_large());
         }
         let timeout = Duration::from_millis(limits.body_read_timeout_ms);
-        let collected =
-            tokio::time::timeout(timeout, Limited::new(body, max as usize).collect()).await;
-        let bytes = match collected {
+        let bytes = match tokio::time::timeout(timeout, read_whole(body, max as usize)).await {
             Err(_) => {
                 return Err(ApiError::new(
                     StatusCode::REQUEST_TIMEOUT,
@@ -371,16 +371,14 @@ impl Proxy {
                     ),
                 ));
             }
-            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                return Err(too_large());
-            }
-            Ok(Err(e)) => {
+            Ok(Err(WholeError::TooLarge)) => return Err(too_large()),
+            Ok(Err(WholeError::Broken(e))) => {
                 return Err(ApiError::invalid(
                     "unreadable_body",
                     format!("The request body could not be read: {e}"),
                 ));
             }
-            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Ok(bytes)) => bytes,
         };
         openai::parse_request(endpoint, bytes)
     }
@@ -559,12 +557,11 @@ impl Proxy {
                     let status = resp.status();
                     let body = tokio::time::timeout(
                         Duration::from_secs(5),
-                        Limited::new(resp.into_body(), 64 << 10).collect(),
+                        read_whole(resp.into_body(), 64 << 10),
                     )
                     .await
                     .ok()
                     .and_then(|r| r.ok())
-                    .map(|c| c.to_bytes())
                     .unwrap_or_default();
                     match FailoverCause::from_response(status.as_u16(), &body) {
                         Some(cause) => Attempt::Status(cause),
@@ -843,16 +840,14 @@ impl Proxy {
 
         // A whole answer: read it (bounded) to learn its usage.
         let max = self.cfg.raw.limits.max_response_bytes as usize;
-        let read =
-            tokio::time::timeout(backend.response_timeout, Limited::new(body, max).collect()).await;
+        let read = tokio::time::timeout(backend.response_timeout, read_whole(body, max)).await;
         let bytes = match read {
-            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Ok(bytes)) => bytes,
             Ok(Err(e)) => {
                 settlement.settle(Usage::default(), "upstream_broken");
-                let what = if e.downcast_ref::<LengthLimitError>().is_some() {
-                    "sent an answer over max_response_bytes"
-                } else {
-                    "broke off its answer"
+                let what = match e {
+                    WholeError::TooLarge => "sent an answer over max_response_bytes",
+                    WholeError::Broken(_) => "broke off its answer",
                 };
                 return Err(bad_gateway(&backend.name, what));
             }

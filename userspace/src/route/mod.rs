@@ -14,6 +14,7 @@ pub mod task;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use smallvec::SmallVec;
 use toml::Spanned;
 
 pub use self::router::{ArmGuard, RouteRuntime, Router};
@@ -304,7 +305,7 @@ impl Reason {
 /// Arms to try, in order (indices into the route's arms), and why.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
-    pub order: Vec<usize>,
+    pub order: Arms,
     pub reason: Reason,
 }
 
@@ -321,20 +322,20 @@ impl ArmConfig {
     }
 }
 
+/// Arm indices of one route, in some order. A route has a handful of arms:
+/// kept inline, so planning a request allocates nothing.
+pub type Arms = SmallVec<[usize; 8]>;
+
 /// Plans one request on `route`. `states[i]` is arm i's live state; `rotation`
 /// is a per-route counter (round robin) or any random number (random).
 pub fn plan(route: &RouteConfig, req: &RouteRequest, states: &[ArmState], rotation: usize) -> Plan {
-    let usable: Vec<usize> = (0..route.arms.len())
+    let fitting: Arms = (0..route.arms.len())
         .filter(|&i| !states.get(i).is_some_and(|s| s.unavailable))
-        .collect();
-    let fitting: Vec<usize> = usable
-        .iter()
-        .copied()
         .filter(|&i| route.arms[i].fits(req))
         .collect();
     if fitting.is_empty() {
         return Plan {
-            order: Vec::new(),
+            order: Arms::new(),
             reason: Reason::NoArm,
         };
     }
@@ -363,8 +364,8 @@ fn plan_local_first(
     rotation: usize,
     local_down: bool,
 ) -> Plan {
-    let of_kind = |kind| -> Vec<usize> {
-        let arms: Vec<usize> = fitting
+    let of_kind = |kind| -> Arms {
+        let arms: Arms = fitting
             .iter()
             .copied()
             .filter(|&i| route.arms[i].kind == kind)
@@ -396,7 +397,7 @@ fn plan_local_first(
     let may_override = route
         .cloud_override_priority
         .is_some_and(|p| req.priority <= p);
-    let concat = |a: &[usize], b: &[usize]| a.iter().chain(b).copied().collect::<Vec<_>>();
+    let concat = |a: &[usize], b: &[usize]| a.iter().chain(b).copied().collect::<Arms>();
     match want_cloud {
         Some(reason) if !cloud.is_empty() && req.cloud_budget_ok => Plan {
             order: concat(&cloud, &local),
@@ -411,7 +412,7 @@ fn plan_local_first(
             reason: Reason::CloudBudgetSpent,
         },
         Some(_) if local.is_empty() && !req.cloud_budget_ok => Plan {
-            order: Vec::new(),
+            order: Arms::new(),
             reason: Reason::CloudBudgetSpent,
         },
         Some(reason) => Plan {
@@ -470,25 +471,25 @@ fn plan_by_score(
     rotation: usize,
 ) -> Plan {
     let state = |i: usize| states.get(i).cloned().unwrap_or_default();
-    let candidates: Vec<usize> = fitting
+    let candidates: Arms = fitting
         .iter()
         .copied()
         .filter(|&i| req.cloud_budget_ok || route.arms[i].kind == ArmKind::Local)
         .collect();
     // Equal scores are balanced among themselves, so rank by score bands.
-    let mut scored: Vec<(f64, usize)> = candidates
+    let mut scored: SmallVec<[(f64, usize); 8]> = candidates
         .iter()
         .map(|&i| (score(&route.arms[i], &state(i), req), i))
         .collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut order = Vec::with_capacity(scored.len());
+    let mut order = Arms::new();
     let mut i = 0;
     while i < scored.len() {
         let mut j = i + 1;
         while j < scored.len() && (scored[j].0 - scored[i].0).abs() <= scored[i].0 * 1e-9 {
             j += 1;
         }
-        let band: Vec<usize> = scored[i..j].iter().map(|s| s.1).collect();
+        let band: Arms = scored[i..j].iter().map(|s| s.1).collect();
         order.extend(balanced(route.balance, &band, states, rotation));
         i = j;
     }
@@ -503,8 +504,8 @@ fn plan_by_score(
 }
 
 /// Orders equivalent arms by the balancing rule.
-fn balanced(balance: Balance, arms: &[usize], states: &[ArmState], rotation: usize) -> Vec<usize> {
-    let mut out = arms.to_vec();
+fn balanced(balance: Balance, arms: &[usize], states: &[ArmState], rotation: usize) -> Arms {
+    let mut out = Arms::from_slice(arms);
     if out.len() < 2 {
         return out;
     }
@@ -624,7 +625,7 @@ mod tests {
         assert_eq!(
             p,
             Plan {
-                order: vec![1, 0, 2],
+                order: Arms::from_slice(&[1, 0, 2]),
                 reason: Reason::LocalFirst
             }
         );
@@ -640,7 +641,7 @@ mod tests {
         assert_eq!(
             p,
             Plan {
-                order: vec![2],
+                order: Arms::from_slice(&[2]),
                 reason: Reason::ContextTooLong
             }
         );
@@ -667,7 +668,7 @@ mod tests {
         assert_eq!(
             p,
             Plan {
-                order: vec![0, 1],
+                order: Arms::from_slice(&[0, 1]),
                 reason: Reason::CloudBudgetSpent
             }
         );
@@ -681,7 +682,7 @@ mod tests {
         // Without the cloud budget a short prompt never fails over to the cloud.
         let mut q = req(100);
         q.cloud_budget_ok = false;
-        assert_eq!(plan(&r, &q, &states(3), 0).order, vec![0, 1]);
+        assert_eq!(plan(&r, &q, &states(3), 0).order[..], [0, 1]);
     }
 
     #[test]
@@ -691,7 +692,7 @@ mod tests {
         s[0].unavailable = true;
         s[1].unavailable = true;
         let p = plan(&r, &req(100), &s, 0);
-        assert_eq!(p.order, vec![2]);
+        assert_eq!(p.order[..], [2]);
         assert_eq!(p.reason, Reason::LocalUnavailable, "no local arm left");
         s[2].unavailable = true;
         assert_eq!(plan(&r, &req(100), &s, 0).reason, Reason::NoArm);

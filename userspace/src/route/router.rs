@@ -10,6 +10,8 @@ use std::{
     time::Instant,
 };
 
+use smallvec::SmallVec;
+
 use super::{
     ArmConfig, ArmState, RouteConfig, RoutingConfig,
     breaker::{Breaker, RetryBudget},
@@ -104,7 +106,7 @@ impl RouteRuntime {
         now: Instant,
         gpu_util: impl Fn(&ArmConfig) -> Option<u32>,
         queue_len: impl Fn(usize) -> u32,
-    ) -> Vec<ArmState> {
+    ) -> SmallVec<[ArmState; 4]> {
         self.cfg
             .arms
             .iter()
