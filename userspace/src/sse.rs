@@ -5,56 +5,82 @@
 
 use std::borrow::Cow;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 /// Longest event kedge holds while waiting for its end; a stream that never
 /// terminates an event is not SSE.
 pub const MAX_EVENT_BYTES: usize = 4 << 20;
 
 /// Upstream bytes not yet forwarded. Complete events are inspected where they
-/// lie and handed on as slices of this buffer (no copy per event), so a run of
-/// events that all pass leaves as one frame.
+/// lie and handed on as slices (no copy per event), so a run of events that
+/// all pass leaves as one frame. While the pending bytes all came in one
+/// upstream chunk they stay in that chunk, so its events leave without being
+/// copied at all; only an event cut across chunks is gathered into a buffer.
 #[derive(Default)]
 pub struct SseSplitter {
-    buf: BytesMut,
+    /// The pending bytes, when they are (the rest of) one upstream chunk.
+    chunk: Bytes,
+    /// The pending bytes, when they span chunks. At most one of the two
+    /// holds anything.
+    joined: BytesMut,
 }
 
 impl SseSplitter {
-    pub fn extend(&mut self, chunk: &[u8]) {
-        self.buf.extend_from_slice(chunk);
+    pub fn extend(&mut self, data: Bytes) {
+        if self.pending() == 0 {
+            self.chunk = data;
+            return;
+        }
+        if !self.chunk.is_empty() {
+            self.joined.extend_from_slice(&self.chunk);
+            self.chunk = Bytes::new();
+        }
+        self.joined.extend_from_slice(&data);
     }
 
     /// Length of the complete event that starts `from` bytes in, if it has
     /// ended (its blank line has arrived).
     pub fn event_at(&self, from: usize) -> Option<usize> {
-        event_end(&self.buf[from..])
+        event_end(&self.buffered()[from..])
     }
 
     pub fn buffered(&self) -> &[u8] {
-        &self.buf
+        if self.joined.is_empty() {
+            &self.chunk
+        } else {
+            &self.joined
+        }
     }
 
     /// Hands on the first `n` buffered bytes.
     pub fn take(&mut self, n: usize) -> Bytes {
-        self.buf.split_to(n).freeze()
+        if self.joined.is_empty() {
+            self.chunk.split_to(n)
+        } else {
+            self.joined.split_to(n).freeze()
+        }
     }
 
     /// Drops the first `n` buffered bytes.
     pub fn skip(&mut self, n: usize) {
-        let _ = self.buf.split_to(n);
+        if self.joined.is_empty() {
+            self.chunk.advance(n);
+        } else {
+            self.joined.advance(n);
+        }
     }
 
     /// Bytes not yet handed on.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.chunk.len() + self.joined.len()
     }
 
     /// What is left when the stream ends: an unterminated last event.
     pub fn finish(&mut self) -> Option<Bytes> {
-        if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
+        if self.buffered().iter().all(|b| b.is_ascii_whitespace()) {
             return None;
         }
-        Some(self.buf.split().freeze())
+        Some(self.take(self.pending()))
     }
 }
 
@@ -133,9 +159,9 @@ mod tests {
             b"data: {\"a\":1}\n\n: keep-alive\n\ndata: x\r\ndata: y\r\n\r\ndata: [DONE]\n\n";
         for cut in 0..stream.len() {
             let mut s = SseSplitter::default();
-            s.extend(&stream[..cut]);
+            s.extend(Bytes::copy_from_slice(&stream[..cut]));
             let mut events = split_all(&mut s);
-            s.extend(&stream[cut..]);
+            s.extend(Bytes::copy_from_slice(&stream[cut..]));
             events.extend(split_all(&mut s));
             let data: Vec<_> = events
                 .iter()
@@ -161,7 +187,7 @@ mod tests {
     #[test]
     fn events_are_found_in_place_without_taking_them() {
         let mut s = SseSplitter::default();
-        s.extend(b"data: a\n\ndata: b\n\ndata: c");
+        s.extend(Bytes::from_static(b"data: a\n\ndata: b\n\ndata: c"));
         let first = s.event_at(0).unwrap();
         let second = s.event_at(first).unwrap();
         assert_eq!(s.event_at(first + second), None);
@@ -170,9 +196,28 @@ mod tests {
     }
 
     #[test]
+    fn events_within_one_chunk_leave_as_slices_of_it() {
+        let chunk = Bytes::from_static(b"data: a\n\ndata: b\n\ndata: c");
+        let mut s = SseSplitter::default();
+        s.extend(chunk.clone());
+        let a = s.take(s.event_at(0).unwrap());
+        let b = s.take(s.event_at(0).unwrap());
+        assert_eq!((&a[..], &b[..]), (&b"data: a\n\n"[..], &b"data: b\n\n"[..]));
+        assert_eq!(a.as_ptr(), chunk.as_ptr(), "not copied");
+        assert_eq!(b.as_ptr(), chunk[9..].as_ptr(), "not copied");
+        // The cut event is gathered with the next chunk.
+        s.extend(Bytes::from_static(b"\n"));
+        assert_eq!(s.event_at(0), None);
+        s.extend(Bytes::from_static(b"\ndata: d"));
+        let c = s.take(s.event_at(0).unwrap());
+        assert_eq!(&c[..], b"data: c\n\n");
+        assert_eq!(s.buffered(), b"data: d");
+    }
+
+    #[test]
     fn an_unterminated_tail_is_returned_at_the_end() {
         let mut s = SseSplitter::default();
-        s.extend(b"data: partial");
+        s.extend(Bytes::from_static(b"data: partial"));
         assert_eq!(s.event_at(0), None);
         assert_eq!(s.pending(), 13);
         assert_eq!(

@@ -144,8 +144,23 @@ impl<'a> Scanner<'a> {
     /// whether it holds escapes. Control characters are not JSON; non-ASCII
     /// bytes must be UTF-8.
     pub(super) fn string(&mut self) -> Read<(usize, usize, bool)> {
-        self.i += 1;
-        let start = self.i;
+        let start = self.i + 1;
+        let end = plain_run(self.b, start);
+        // Nearly every key and most values: plain ASCII up to the quote. The
+        // rest is kept out of line, so this path saves and restores little.
+        if self.b.get(end) == Some(&b'"') {
+            self.i = end + 1;
+            return Ok((start, end, false));
+        }
+        self.i = end;
+        self.string_rest(start)
+    }
+
+    /// The rest of a string that holds more than plain ASCII, from `i` (its
+    /// first byte that is not plain) on.
+    #[cold]
+    #[inline(never)]
+    fn string_rest(&mut self, start: usize) -> Read<(usize, usize, bool)> {
         let (mut escaped, mut wide) = (false, false);
         loop {
             self.i = plain_run(self.b, self.i);

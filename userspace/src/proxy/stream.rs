@@ -80,7 +80,7 @@ impl Meter {
 
     /// Feeds upstream bytes and queues what is to be forwarded, in order:
     /// consecutive complete events that pass leave as one slice.
-    fn observe(&mut self, chunk: &[u8], out: &mut VecDeque<Bytes>) -> Result<(), BoxError> {
+    fn observe(&mut self, chunk: Bytes, out: &mut VecDeque<Bytes>) -> Result<(), BoxError> {
         self.splitter.extend(chunk);
         let mut kept = 0;
         while let Some(len) = self.splitter.event_at(kept) {
@@ -214,7 +214,7 @@ impl HttpBody for MeteredStream {
                     // A tick's precision is plenty for an idle timeout of seconds.
                     this.last_frame = Instant::from_std(crate::clock::coarse_instant());
                     if let Ok(data) = frame.into_data()
-                        && let Err(e) = this.meter.observe(&data, &mut this.out)
+                        && let Err(e) = this.meter.observe(data, &mut this.out)
                     {
                         this.abort("upstream_garbage", e);
                     }
@@ -298,7 +298,7 @@ async fn drain(
         match tokio::time::timeout(idle, upstream.frame()).await {
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data()
-                    && meter.observe(&data, &mut unsent).is_err()
+                    && meter.observe(data, &mut unsent).is_err()
                 {
                     break;
                 }
@@ -327,7 +327,9 @@ mod tests {
     fn run(meter: &mut Meter, parts: &[&str]) -> String {
         let mut out = VecDeque::new();
         for p in parts {
-            meter.observe(p.as_bytes(), &mut out).unwrap();
+            meter
+                .observe(Bytes::copy_from_slice(p.as_bytes()), &mut out)
+                .unwrap();
         }
         out.extend(meter.finish());
         out.iter()
@@ -379,6 +381,6 @@ mod tests {
     fn an_endless_event_is_refused() {
         let mut m = Meter::new(true, 0);
         let blob = vec![b'x'; MAX_EVENT_BYTES + 1];
-        assert!(m.observe(&blob, &mut VecDeque::new()).is_err());
+        assert!(m.observe(Bytes::from(blob), &mut VecDeque::new()).is_err());
     }
 }
