@@ -20,11 +20,10 @@ pub enum WholeError<E> {
 
 /// The body's data, all of it, failing once it passes `max` bytes. Trailers
 /// are dropped, as `collect().to_bytes()` drops them.
-pub async fn read_whole<B>(body: B, max: usize) -> Result<Bytes, WholeError<B::Error>>
+pub async fn read_whole<B>(mut body: B, max: usize) -> Result<Bytes, WholeError<B::Error>>
 where
     B: Body<Data = Bytes> + Unpin,
 {
-    let mut body = body;
     let mut first: Option<Bytes> = None;
     let mut gathered: Option<BytesMut> = None;
     let mut len = 0usize;
