@@ -184,6 +184,34 @@ mod tests {
         }
     }
 
+    /// A stream cut into random pieces, taken event by event as they arrive
+    /// (some pieces end inside an event, some hold several): the same
+    /// events and the same bytes as the stream read whole.
+    #[test]
+    fn random_chunkings_give_the_same_events() {
+        let stream: &[u8] = b"data: {\"a\":1}\n\n: ping\r\n\r\ndata: x\ndata: y\n\n\
+            data: {\"choices\":[]}\r\n\r\nevent: e\ndata: z\n\ndata: [DONE]\n\n";
+        let mut whole = SseSplitter::default();
+        whole.extend(Bytes::from_static(stream));
+        let expected = split_all(&mut whole);
+        assert_eq!(expected.len(), 6);
+        let mut rng = crate::test_support::XorShift(0x5eed_f055);
+        for _ in 0..500 {
+            let mut s = SseSplitter::default();
+            let mut events = Vec::new();
+            let mut at = 0;
+            while at < stream.len() {
+                let n = 1 + rng.below(24) as usize;
+                let end = (at + n).min(stream.len());
+                s.extend(Bytes::copy_from_slice(&stream[at..end]));
+                events.extend(split_all(&mut s));
+                at = end;
+            }
+            assert_eq!(events, expected);
+            assert_eq!(s.pending(), 0);
+        }
+    }
+
     #[test]
     fn events_are_found_in_place_without_taking_them() {
         let mut s = SseSplitter::default();
