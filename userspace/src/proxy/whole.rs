@@ -24,8 +24,9 @@ pub async fn read_whole<B>(mut body: B, max: usize) -> Result<Bytes, WholeError<
 where
     B: Body<Data = Bytes> + Unpin,
 {
-    let mut first: Option<Bytes> = None;
-    let mut gathered: Option<BytesMut> = None;
+    // The first chunk as it came; `more` once a second one arrives.
+    let mut first = Bytes::new();
+    let mut more: Option<BytesMut> = None;
     let mut len = 0usize;
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame.map_err(WholeError::Broken)?.into_data() else {
@@ -38,24 +39,19 @@ where
         if len > max {
             return Err(WholeError::TooLarge);
         }
-        match (&mut first, &mut gathered) {
-            (None, None) => first = Some(data),
-            (_, Some(buf)) => buf.extend_from_slice(&data),
-            (Some(one), None) => {
+        match &mut more {
+            Some(buf) => buf.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
                 let hint = body.size_hint().lower() as usize;
                 let mut buf = BytesMut::with_capacity(len.saturating_add(hint).min(max));
-                buf.extend_from_slice(one);
+                buf.extend_from_slice(&first);
                 buf.extend_from_slice(&data);
-                first = None;
-                gathered = Some(buf);
+                more = Some(buf);
             }
         }
     }
-    Ok(match (first, gathered) {
-        (_, Some(buf)) => buf.freeze(),
-        (Some(one), None) => one,
-        (None, None) => Bytes::new(),
-    })
+    Ok(more.map_or(first, BytesMut::freeze))
 }
 
 #[cfg(test)]

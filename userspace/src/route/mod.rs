@@ -370,7 +370,7 @@ fn plan_local_first(
             .copied()
             .filter(|&i| route.arms[i].kind == kind)
             .collect();
-        balanced(route.balance, &arms, states, rotation)
+        balanced(route.balance, arms, states, rotation)
     };
     let local = of_kind(ArmKind::Local);
     let cloud = of_kind(ArmKind::Cloud);
@@ -490,7 +490,7 @@ fn plan_by_score(
             j += 1;
         }
         let band: Arms = scored[i..j].iter().map(|s| s.1).collect();
-        order.extend(balanced(route.balance, &band, states, rotation));
+        order.extend(balanced(route.balance, band, states, rotation));
         i = j;
     }
     Plan {
@@ -504,8 +504,7 @@ fn plan_by_score(
 }
 
 /// Orders equivalent arms by the balancing rule.
-fn balanced(balance: Balance, arms: &[usize], states: &[ArmState], rotation: usize) -> Arms {
-    let mut out = Arms::from_slice(arms);
+fn balanced(balance: Balance, mut out: Arms, states: &[ArmState], rotation: usize) -> Arms {
     if out.len() < 2 {
         return out;
     }
