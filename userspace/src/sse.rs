@@ -38,9 +38,9 @@ impl SseSplitter {
         self.joined.extend_from_slice(&data);
     }
 
-    /// Length of the complete event that starts `from` bytes in, if it has
-    /// ended (its blank line has arrived).
-    pub fn event_at(&self, from: usize) -> Option<usize> {
+    /// The complete event that starts `from` bytes in, if it has ended (its
+    /// blank line has arrived).
+    pub fn event_at(&self, from: usize) -> Option<Event> {
         event_end(&self.buffered()[from..])
     }
 
@@ -84,17 +84,32 @@ impl SseSplitter {
     }
 }
 
-/// End (exclusive) of the first event in `buf`: after its blank line.
-fn event_end(buf: &[u8]) -> Option<usize> {
+/// A complete event at the start of the pending bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Its length, blank line included.
+    pub len: usize,
+    /// Where its first line ends: found on the way to its end, so reading
+    /// the usual one-line event's data ([`data_of_event`]) searches nothing.
+    pub first_line: usize,
+}
+
+/// The first event in `buf`: up to and including its blank line.
+fn event_end(buf: &[u8]) -> Option<Event> {
     let mut i = 0;
+    let mut first_line = None;
     while let Some(found) = memchr::memchr2(b'\n', b'\r', &buf[i..]) {
         // A line ends here; a blank line right after ends the event.
         i += found;
+        let first_line = *first_line.get_or_insert(i);
         let next = line_break_len(&buf[i..])?;
         let after = i + next;
         if after < buf.len() && (buf[after] == b'\n' || buf[after] == b'\r') {
             let blank = line_break_len(&buf[after..])?;
-            return Some(after + blank);
+            return Some(Event {
+                len: after + blank,
+                first_line,
+            });
         }
         if after >= buf.len() {
             return None;
@@ -118,7 +133,11 @@ fn line_break_len(s: &[u8]) -> Option<usize> {
 /// An event's `data:` lines joined by `\n`; `None` for a comment or
 /// keep-alive. The usual one-line event is borrowed, not copied.
 pub fn data_of(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
-    let line_end = memchr::memchr2(b'\n', b'\r', raw).unwrap_or(raw.len());
+    data_of_event(raw, memchr::memchr2(b'\n', b'\r', raw).unwrap_or(raw.len()))
+}
+
+/// [`data_of`] for an event whose first line ends at `line_end`.
+pub fn data_of_event(raw: &[u8], line_end: usize) -> Option<Cow<'_, [u8]>> {
     if let Some(rest) = raw[..line_end].strip_prefix(b"data:")
         && raw[line_end..].iter().all(|b| *b == b'\n' || *b == b'\r')
     {
@@ -147,8 +166,14 @@ mod tests {
     /// Splits `buf` the way the stream meter does: every complete event.
     fn split_all(s: &mut SseSplitter) -> Vec<Bytes> {
         let mut out = Vec::new();
-        while let Some(n) = s.event_at(0) {
-            out.push(s.take(n));
+        while let Some(e) = s.event_at(0) {
+            let event = s.take(e.len);
+            assert_eq!(
+                data_of_event(&event, e.first_line),
+                data_of(&event),
+                "the first line is where the event's first line ends"
+            );
+            out.push(event);
         }
         out
     }
@@ -216,8 +241,8 @@ mod tests {
     fn events_are_found_in_place_without_taking_them() {
         let mut s = SseSplitter::default();
         s.extend(Bytes::from_static(b"data: a\n\ndata: b\n\ndata: c"));
-        let first = s.event_at(0).unwrap();
-        let second = s.event_at(first).unwrap();
+        let first = s.event_at(0).unwrap().len;
+        let second = s.event_at(first).unwrap().len;
         assert_eq!(s.event_at(first + second), None);
         assert_eq!(&s.take(first + second)[..], b"data: a\n\ndata: b\n\n");
         assert_eq!(data_of(s.buffered()).as_deref(), Some(&b"c"[..]));
@@ -228,8 +253,8 @@ mod tests {
         let chunk = Bytes::from_static(b"data: a\n\ndata: b\n\ndata: c");
         let mut s = SseSplitter::default();
         s.extend(chunk.clone());
-        let a = s.take(s.event_at(0).unwrap());
-        let b = s.take(s.event_at(0).unwrap());
+        let a = s.take(s.event_at(0).unwrap().len);
+        let b = s.take(s.event_at(0).unwrap().len);
         assert_eq!((&a[..], &b[..]), (&b"data: a\n\n"[..], &b"data: b\n\n"[..]));
         assert_eq!(a.as_ptr(), chunk.as_ptr(), "not copied");
         assert_eq!(b.as_ptr(), chunk[9..].as_ptr(), "not copied");
@@ -237,7 +262,7 @@ mod tests {
         s.extend(Bytes::from_static(b"\n"));
         assert_eq!(s.event_at(0), None);
         s.extend(Bytes::from_static(b"\ndata: d"));
-        let c = s.take(s.event_at(0).unwrap());
+        let c = s.take(s.event_at(0).unwrap().len);
         assert_eq!(&c[..], b"data: c\n\n");
         assert_eq!(s.buffered(), b"data: d");
     }

@@ -18,7 +18,23 @@ use super::{
 
 /// The facts of an answer, if it has the usual shape.
 pub fn facts(json: &[u8]) -> Read<AnswerFacts> {
+    facts_and_text(json).map(|(facts, _)| facts)
+}
+
+/// Where the last text string [`facts`] counted lies in the answer: the
+/// range of its JSON string token, quotes included, and what it counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextSpan {
+    pub start: usize,
+    pub end: usize,
+    pub bytes: u64,
+}
+
+/// [`facts`], and the span of the last text string it counted (none when
+/// every text member was `null` or tool calls).
+pub fn facts_and_text(json: &[u8]) -> Read<(AnswerFacts, Option<TextSpan>)> {
     let mut s = Scanner::new(json);
+    let mut last_text = None;
     let mut choices: Option<Choices> = None;
     let mut usage: Option<Option<UsageFields>> = None;
     s.object(0, |s, key| {
@@ -27,7 +43,7 @@ pub fn facts(json: &[u8]) -> Read<AnswerFacts> {
                 if choices.is_some() {
                     return Err(Unusual);
                 }
-                choices = Some(s.choices()?);
+                choices = Some(s.choices(&mut last_text)?);
             }
             b"usage" => {
                 if usage.is_some() {
@@ -46,7 +62,7 @@ pub fn facts(json: &[u8]) -> Read<AnswerFacts> {
         text_bytes: 0,
     });
     let usage = usage.flatten();
-    Ok(AnswerFacts {
+    let facts = AnswerFacts {
         usage: usage.and_then(|u| {
             Some(Usage {
                 prompt_tokens: u.prompt_tokens?,
@@ -56,7 +72,8 @@ pub fn facts(json: &[u8]) -> Read<AnswerFacts> {
         }),
         text_bytes: choices.text_bytes,
         usage_only: usage.is_some() && choices.present && choices.count == 0,
-    })
+    };
+    Ok((facts, last_text))
 }
 
 /// `choices` as read: whether it was there (not `null`), how many, their text.
@@ -73,7 +90,7 @@ struct UsageFields {
 }
 
 impl Scanner<'_> {
-    fn choices(&mut self) -> Read<Choices> {
+    fn choices(&mut self, last_text: &mut Option<TextSpan>) -> Read<Choices> {
         let mut c = Choices {
             present: false,
             count: 0,
@@ -85,14 +102,14 @@ impl Scanner<'_> {
         c.present = true;
         self.array(1, |s| {
             c.count += 1;
-            c.text_bytes += s.choice()?;
+            c.text_bytes += s.choice(last_text)?;
             Ok(())
         })?;
         Ok(c)
     }
 
     /// One choice: its `text`, and the text of its `delta` and `message`.
-    fn choice(&mut self) -> Read<u64> {
+    fn choice(&mut self, last_text: &mut Option<TextSpan>) -> Read<u64> {
         let mut seen = [false; 3];
         let mut total = 0;
         self.object(2, |s, key| {
@@ -106,9 +123,9 @@ impl Scanner<'_> {
                 return Err(Unusual);
             }
             total += if slot == 0 {
-                s.text_len()?
+                s.counted_text(last_text)?
             } else {
-                s.message()?
+                s.message(last_text)?
             };
             Ok(())
         })?;
@@ -116,7 +133,7 @@ impl Scanner<'_> {
     }
 
     /// A message or delta: content, reasoning and tool calls; `null` is none.
-    fn message(&mut self) -> Read<u64> {
+    fn message(&mut self, last_text: &mut Option<TextSpan>) -> Read<u64> {
         if self.null()? {
             return Ok(0);
         }
@@ -135,11 +152,27 @@ impl Scanner<'_> {
             total += match slot {
                 2 if s.null()? => 0,
                 2 => s.raw_len(4)?,
-                _ => s.text_len()?,
+                _ => s.counted_text(last_text)?,
             };
             Ok(())
         })?;
         Ok(total)
+    }
+
+    /// A text member's length ([`Scanner::text_len`]); a string's span is
+    /// kept in `last_text`.
+    fn counted_text(&mut self, last_text: &mut Option<TextSpan>) -> Read<u64> {
+        let quoted = self.peek()? == b'"';
+        let start = self.i;
+        let bytes = self.text_len()?;
+        if quoted {
+            *last_text = Some(TextSpan {
+                start,
+                end: self.i,
+                bytes,
+            });
+        }
+        Ok(bytes)
     }
 
     /// `usage`: `None` for `null`.

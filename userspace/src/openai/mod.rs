@@ -19,8 +19,11 @@ use serde_json::{Map, Value, value::RawValue};
 use crate::tokens;
 
 mod answer;
+mod chunk;
 mod request;
 mod scan;
+
+pub use chunk::ChunkReader;
 
 /// The endpoints kedge governs (`GET /v1/models` is answered from the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,6 +9,7 @@
 //! drain it in the background (exact usage from its last chunk).
 
 use std::{
+    borrow::Cow,
     collections::VecDeque,
     future::Future,
     pin::Pin,
@@ -39,22 +40,24 @@ pub struct Meter {
 struct Tally {
     /// Drop the usage-only chunk kedge asked for and the client did not.
     strip_usage_chunk: bool,
+    chunks: openai::ChunkReader,
     reported: Option<Usage>,
     completion_bytes: u64,
     prompt_estimate: u64,
 }
 
 impl Tally {
-    /// Reads one complete event; `false` when it must not reach the client.
-    fn keep(&mut self, event: &[u8]) -> bool {
-        let Some(data) = sse::data_of(event) else {
+    /// Reads one complete event's data (`None`: a comment or keep-alive);
+    /// `false` when the event must not reach the client.
+    fn keep(&mut self, data: Option<Cow<'_, [u8]>>) -> bool {
+        let Some(data) = data else {
             return true;
         };
         // `[DONE]` and anything else that is not JSON pass through untouched.
         if *data == *b"[DONE]" {
             return true;
         }
-        let Some(facts) = openai::read_answer(&data) else {
+        let Some(facts) = self.chunks.read(&data) else {
             return true;
         };
         if facts.usage.is_some() {
@@ -71,6 +74,7 @@ impl Meter {
             splitter: SseSplitter::default(),
             tally: Tally {
                 strip_usage_chunk,
+                chunks: openai::ChunkReader::default(),
                 reported: None,
                 completion_bytes: 0,
                 prompt_estimate,
@@ -83,8 +87,10 @@ impl Meter {
     fn observe(&mut self, chunk: Bytes, out: &mut VecDeque<Bytes>) -> Result<(), BoxError> {
         self.splitter.extend(chunk);
         let mut kept = 0;
-        while let Some(len) = self.splitter.event_at(kept) {
-            if self.tally.keep(&self.splitter.buffered()[kept..kept + len]) {
+        while let Some(event) = self.splitter.event_at(kept) {
+            let len = event.len;
+            let raw = &self.splitter.buffered()[kept..kept + len];
+            if self.tally.keep(sse::data_of_event(raw, event.first_line)) {
                 kept += len;
                 continue;
             }
@@ -106,7 +112,7 @@ impl Meter {
     /// The stream ended: an unterminated last event still counts.
     fn finish(&mut self) -> Option<Bytes> {
         let tail = self.splitter.finish()?;
-        self.tally.keep(&tail).then_some(tail)
+        self.tally.keep(sse::data_of(&tail)).then_some(tail)
     }
 
     /// Usage as the upstream reported it, else counted from what passed.
