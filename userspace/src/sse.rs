@@ -97,11 +97,11 @@ pub struct Event {
 /// The first event in `buf`: up to and including its blank line.
 fn event_end(buf: &[u8]) -> Option<Event> {
     let mut i = 0;
-    let mut first_line = None;
+    let mut first_line_end = None;
     while let Some(found) = memchr::memchr2(b'\n', b'\r', &buf[i..]) {
         // A line ends here; a blank line right after ends the event.
         i += found;
-        let first_line = *first_line.get_or_insert(i);
+        let first_line = *first_line_end.get_or_insert(i);
         let next = line_break_len(&buf[i..])?;
         let after = i + next;
         if after < buf.len() && (buf[after] == b'\n' || buf[after] == b'\r') {

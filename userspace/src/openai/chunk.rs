@@ -25,10 +25,9 @@ use super::{
 pub struct ChunkReader {
     /// The last chunk the one-pass reader read, while it had a text string.
     last: Vec<u8>,
-    /// That string's span in `last`; `None`: nothing to reuse.
-    text: Option<TextSpan>,
-    /// What the one-pass reader found in `last`.
-    facts: AnswerFacts,
+    /// That string's span in `last` and what the one-pass reader found in
+    /// it; `None`: nothing to reuse.
+    reusable: Option<(TextSpan, AnswerFacts)>,
 }
 
 impl ChunkReader {
@@ -39,16 +38,15 @@ impl ChunkReader {
         }
         match answer::facts_and_text(json) {
             Ok((facts, text)) => {
-                self.text = text;
+                self.reusable = text.map(|span| (span, facts));
                 if text.is_some() {
                     self.last.clear();
                     self.last.extend_from_slice(json);
-                    self.facts = facts;
                 }
                 Some(facts)
             }
             Err(_) => {
-                self.text = None;
+                self.reusable = None;
                 read_answer_serde(json)
             }
         }
@@ -57,7 +55,7 @@ impl ChunkReader {
     /// The facts of `json` if it is the last chunk with another valid string
     /// where the text was.
     fn reuse(&self, json: &[u8]) -> Option<AnswerFacts> {
-        let span = self.text?;
+        let (span, facts) = self.reusable?;
         let (before, after) = (&self.last[..span.start], &self.last[span.end..]);
         let end = json.len().checked_sub(after.len())?;
         if end < before.len() + 2 || !json.starts_with(before) || !json.ends_with(after) {
@@ -75,8 +73,8 @@ impl ChunkReader {
             return None;
         }
         Some(AnswerFacts {
-            text_bytes: self.facts.text_bytes - span.bytes + bytes,
-            ..self.facts
+            text_bytes: facts.text_bytes - span.bytes + bytes,
+            ..facts
         })
     }
 }
