@@ -131,7 +131,9 @@ pub fn run(root: &Path, bin: &Path, smoke: bool) -> Result<()> {
          User-space instructions each proxy executes per request (valgrind's callgrind; the \
          difference between a run of {REQUESTS} and one of {} requests at concurrency 16, over \
          {} requests; kernel work not counted). Same upstream and load generator as the proxy \
-         bench, kedge configured as there. Repeatable to well under 1 % on a busy machine.\n\n\
+         bench, kedge configured as there. Plain requests repeat to well under 1 % on a busy \
+         machine; a stream's count also depends on how its events fall into reads (timing), \
+         and has varied by up to 3 % between runs.\n\n\
          | stream | kedge | nginx | kedge/nginx |\n|---|---|---|---|",
         3 * REQUESTS,
         2 * REQUESTS

@@ -20,7 +20,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::Proc;
+use crate::{
+    Proc,
+    host::{HostTicks, STEAL_DISTURBED_PCT, calm_rounds},
+};
 use serde_json::{Value, json};
 
 pub fn free_port() -> u16 {
@@ -180,6 +183,7 @@ fn measure(
     seconds: f64,
 ) -> Result<Value> {
     let cpu_before: u64 = pids.iter().map(|p| cpu_us(*p)).sum();
+    let host_before = HostTicks::now();
     let mut load = pinned("0", &bin.join("kedge-load"));
     load.args([
         "--url",
@@ -198,6 +202,7 @@ fn measure(
         )
     })?;
     let cpu = pids.iter().map(|p| cpu_us(*p)).sum::<u64>() - cpu_before;
+    result["host_steal_pct"] = json!(HostTicks::now().since(host_before).1);
     let served = result["ok"].as_u64().unwrap_or(0).max(1);
     result["cpu_us_per_request"] = json!(cpu as f64 / served as f64);
     Ok(result)
@@ -224,6 +229,7 @@ fn median_of(runs: &[Value]) -> Value {
             "p99": median(&|r| r["latency_ms"]["p99"].as_f64().unwrap_or(0.0)),
         },
         "cpu_us_per_request": median(&|r| r["cpu_us_per_request"].as_f64().unwrap_or(0.0)),
+        "host_steal_pct": median(&|r| r["host_steal_pct"].as_f64().unwrap_or(0.0)),
         "ok": sum("ok"),
         "responses": sum("responses"),
         "connect_failures": sum("connect_failures"),
@@ -294,6 +300,7 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     ];
     let rounds = if smoke { 1 } else { ROUNDS };
     let mut rows = Vec::new();
+    let run_start = HostTicks::now();
     let mut kedge_peak_rss = kedge_idle_rss;
     for stream in [false, true] {
         for &concurrency in concurrencies {
@@ -310,26 +317,38 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
                     runs[t].push(result);
                 }
             }
+            // Only the rounds the hypervisor left alone count, if any did.
+            let steal: Vec<f64> = (0..rounds)
+                .map(|r| {
+                    runs.iter()
+                        .map(|t| t[r]["host_steal_pct"].as_f64().unwrap_or(0.0))
+                        .fold(0.0, f64::max)
+                })
+                .collect();
+            let calm = calm_rounds(&steal);
             for ((name, _, _), runs) in targets.iter().zip(runs) {
-                let result = median_of(&runs);
+                let counted: Vec<Value> = calm.iter().map(|&r| runs[r].clone()).collect();
+                let result = median_of(&counted);
                 println!(
-                    "bench proxy: {:>11} stream={stream:<5} c={concurrency:<3} {:>8.0} req/s p50 {:>7.3} ms p99 {:>7.3} ms {:>6.1} us CPU/request (median of {rounds})",
+                    "bench proxy: {:>11} stream={stream:<5} c={concurrency:<3} {:>8.0} req/s p50 {:>7.3} ms p99 {:>7.3} ms {:>6.1} us CPU/request (median of {} of {rounds} rounds)",
                     name,
                     result["throughput_rps"].as_f64().unwrap_or(0.0),
                     result["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
                     result["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
-                    result["cpu_us_per_request"].as_f64().unwrap_or(0.0)
+                    result["cpu_us_per_request"].as_f64().unwrap_or(0.0),
+                    calm.len()
                 );
-                rows.push(json!({"target": name, "stream": stream, "concurrency": concurrency, "result": result, "rounds": runs}));
+                rows.push(json!({"target": name, "stream": stream, "concurrency": concurrency, "result": result, "rounds": runs, "calm_rounds": calm}));
             }
         }
     }
+    let run_steal = HostTicks::now().since(run_start).1;
     let report = summarise(
         &rows,
         concurrencies,
-        kedge_idle_rss,
-        kedge_peak_rss,
+        (kedge_idle_rss, kedge_peak_rss),
         seconds,
+        run_steal,
     );
     println!("{report}");
     if smoke {
@@ -340,7 +359,7 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     std::fs::write(
         docs.join("bench-proxy.json"),
         serde_json::to_string_pretty(
-            &json!({"rows": rows, "kedge_rss_kib": {"idle": kedge_idle_rss, "under_load": kedge_peak_rss}}),
+            &json!({"rows": rows, "kedge_rss_kib": {"idle": kedge_idle_rss, "under_load": kedge_peak_rss}, "host_steal_pct": run_steal}),
         )?,
     )?;
     crate::replace_section(&docs.join("benchmarks.md"), "proxy", &report)?;
@@ -378,9 +397,9 @@ fn check_smoke(rows: &[Value]) -> Result<()> {
 fn summarise(
     rows: &[Value],
     concurrencies: &[usize],
-    idle_rss: u64,
-    peak_rss: u64,
+    (idle_rss, peak_rss): (u64, u64),
     seconds: f64,
+    run_steal: f64,
 ) -> String {
     let get = |target: &str, stream: bool, c: usize| {
         rows.iter()
@@ -388,12 +407,37 @@ fn summarise(
             .map(|r| r["result"].clone())
             .unwrap_or(Value::Null)
     };
-    // The rounds of one cell, target by target (same order in each).
-    let rounds = |target: &str, stream: bool, c: usize| -> Vec<Value> {
+    let row = |target: &str, stream: bool, c: usize| {
         rows.iter()
             .find(|r| r["target"] == target && r["stream"] == stream && r["concurrency"] == c)
-            .and_then(|r| r["rounds"].as_array().cloned())
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    // Every round of one cell, target by target (same order in each).
+    let all_rounds = |target: &str, stream: bool, c: usize| -> Vec<Value> {
+        row(target, stream, c)["rounds"]
+            .as_array()
+            .cloned()
             .unwrap_or_default()
+    };
+    let calm = |stream: bool, c: usize| -> Vec<usize> {
+        row("kedge", stream, c)["calm_rounds"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r.as_u64())
+                    .map(|r| r as usize)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // The rounds that count: the calm ones.
+    let rounds = |target: &str, stream: bool, c: usize| -> Vec<Value> {
+        let all = all_rounds(target, stream, c);
+        calm(stream, c)
+            .into_iter()
+            .filter_map(|r| all.get(r).cloned())
+            .collect()
     };
     // A ratio of kedge to nginx taken within each round (the two ran seconds
     // apart, on the same machine state), then the median over rounds: the
@@ -418,6 +462,15 @@ fn summarise(
         r.sort_by(f64::total_cmp);
         (2 * r.len() > d.len()).then(|| r[r.len() / 2])
     };
+    let cell_steal = |stream: bool, c: usize| {
+        let mut v: Vec<f64> = ["direct", "nginx", "kedge", "kedge-plain"]
+            .iter()
+            .flat_map(|t| all_rounds(t, stream, c))
+            .filter_map(|r| r["host_steal_pct"].as_f64())
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
     let shown = |r: Option<f64>| r.map_or("n/a".to_owned(), |r| format!("{r:.2}"));
     let throughput = |v: &Value, _: &Value| v["throughput_rps"].as_f64();
     let added_p99 = |v: &Value, d: &Value| {
@@ -429,8 +482,10 @@ fn summarise(
     let _ = writeln!(
         md,
         "## Proxy overhead (`cargo xtask bench proxy`)\n\n\
-         Simulated upstream answering instantly (`kedge-sim`, 16 output tokens); every figure is the \
-         median of {ROUNDS} rounds of {seconds} s, each round running all four targets back to back; \
+         Simulated upstream answering instantly (`kedge-sim`, 16 output tokens); {ROUNDS} rounds of \
+         {seconds} s, each round running all four targets back to back; every figure is the median \
+         of a cell's calm rounds (`calm`: those where the host stole at most \
+         {STEAL_DISTURBED_PCT} % of the CPU time in each run; all of them when none was); \
          kedge with classification, a routed model, DRR scheduling, a tenant budget (reserve and commit \
          on every request, SQLite ledger) and metrics all on. \
          load generator `kedge-load` pinned to CPU 0, proxy and upstream on CPU 1. Added latency = \
@@ -438,8 +493,8 @@ fn summarise(
          the median over rounds of the ratio within a round (nginx and kedge seconds apart), not the \
          ratio of the medians; `n/a` where the direct baseline's p99 was above nginx's in most \
          rounds (no added latency to compare; the total p99 ratio still is).\n\n\
-         | stream | conc. | direct req/s | nginx req/s | kedge req/s | kedge/nginx throughput | nginx added p50/p99 ms | kedge added p50/p99 ms | kedge/nginx added p99 | kedge/nginx p99 |\n\
-         |---|---|---|---|---|---|---|---|---|---|"
+         | stream | conc. | direct req/s | nginx req/s | kedge req/s | kedge/nginx throughput | nginx added p50/p99 ms | kedge added p50/p99 ms | kedge/nginx added p99 | kedge/nginx p99 | calm |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
     );
     for stream in [false, true] {
         for &c in concurrencies {
@@ -453,7 +508,7 @@ fn summarise(
             let added = |v: &Value, p: &str| (lat(v, p) - lat(&d, p)).max(0.0);
             let _ = writeln!(
                 md,
-                "| {stream} | {c} | {:.0} | {:.0} | {:.0} | {} | {:.3} / {:.3} | {:.3} / {:.3} | {} | {} |",
+                "| {stream} | {c} | {:.0} | {:.0} | {:.0} | {} | {:.3} / {:.3} | {:.3} / {:.3} | {} | {} | {}/{} |",
                 rps(&d),
                 rps(&n),
                 rps(&k),
@@ -464,6 +519,8 @@ fn summarise(
                 added(&k, "p99"),
                 shown(ratio(stream, c, &added_p99)),
                 shown(ratio(stream, c, &p99)),
+                calm(stream, c).len(),
+                all_rounds("kedge", stream, c).len(),
             );
         }
     }
@@ -473,9 +530,11 @@ fn summarise(
          around each cell): the upstream's own when sent directly, the proxy's own otherwise. \
          `kedge plain` is the same binary with the governance config left out: no routes, no \
          tenant budget, the default scheduler; it still classifies, counts metrics, reserves and \
-         commits against an empty budget and writes every request to the ledger.\n\n\
-         | stream | conc. | upstream µs | nginx µs | kedge µs | kedge/nginx CPU | kedge plain µs | kedge plain req/s | kedge plain added p99 ms |\n\
-         |---|---|---|---|---|---|---|---|---|"
+         commits against an empty budget and writes every request to the ledger. Host steal: \
+         the share of the machine's CPU time the hypervisor gave to other guests during the \
+         cell's rounds (median over all of them, from `/proc/stat`).\n\n\
+         | stream | conc. | upstream µs | nginx µs | kedge µs | kedge/nginx CPU | kedge plain µs | kedge plain req/s | kedge plain added p99 ms | host steal % |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
     );
     for stream in [false, true] {
         for &c in concurrencies {
@@ -489,7 +548,7 @@ fn summarise(
             let lat = |v: &Value, q: &str| v["latency_ms"][q].as_f64().unwrap_or(0.0);
             let _ = writeln!(
                 md,
-                "| {stream} | {c} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.0} | {:.3} |",
+                "| {stream} | {c} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.0} | {:.3} | {:.1} |",
                 cpu(&d),
                 cpu(&n),
                 cpu(&k),
@@ -497,12 +556,20 @@ fn summarise(
                 cpu(&p),
                 p["throughput_rps"].as_f64().unwrap_or(0.0),
                 (lat(&p, "p99") - lat(&d, "p99")).max(0.0),
+                cell_steal(stream, c),
             );
         }
     }
     let _ = writeln!(
         md,
-        "\nkedge RSS: {idle_rss} KiB idle, {peak_rss} KiB peak under load."
+        "\nkedge RSS: {idle_rss} KiB idle, {peak_rss} KiB peak under load. Host steal over \
+         the whole run: {run_steal:.1} % of the machine's CPU time{}.",
+        if run_steal > STEAL_DISTURBED_PCT {
+            " — a disturbed run: a cell's figures come from its calm rounds (column `calm`), \
+             and a cell with none is as noisy as its host"
+        } else {
+            ""
+        }
     );
     md
 }
