@@ -19,11 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::{
     Proc,
-    host::{HostTicks, STEAL_DISTURBED_PCT, calm_rounds},
+    host::{self, HostTicks, STEAL_DISTURBED_PCT},
     sh,
 };
 use serde_json::{Value, json};
@@ -172,18 +172,12 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
         }
     }
     let rows = combine(&runs);
-    let report = summarise(&rows, seconds, rounds);
-    println!("{report}");
     if smoke {
+        println!("{}", summarise(&rows, seconds, rounds));
         let _ = std::fs::remove_dir_all(&work);
         return check_smoke(&scenarios, &rows);
     }
-    let docs = root.join("docs");
-    std::fs::write(
-        docs.join("bench-flood.json"),
-        serde_json::to_string_pretty(&json!({ "rows": rows }))?,
-    )?;
-    crate::replace_section(&docs.join("benchmarks.md"), "flood", &report)?;
+    publish(root, &rows, seconds, rounds)?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
@@ -314,7 +308,7 @@ fn run_scenario(
         Some(f) => serde_json::from_slice(&f.wait_with_output()?.stdout).unwrap_or(Value::Null),
         None => Value::Null,
     };
-    let (busy, steal) = HostTicks::now().since(host_before);
+    let host = HostTicks::now().since(host_before);
     let metrics = crate::http_get("127.0.0.1:18982", "/metrics").unwrap_or_default();
     let kernel: Vec<&str> = metrics
         .lines()
@@ -328,7 +322,7 @@ fn run_scenario(
     }
     let _ = std::fs::remove_dir_all(&pin_root);
     Ok(
-        json!({ "scenario": sc.name, "high": high, "flood": flood, "host_cpu_busy_pct": busy, "host_steal_pct": steal, "kernel_flood_counters": kernel }),
+        json!({ "scenario": sc.name, "high": high, "flood": flood, "host_cpu_busy_pct": host.busy_pct, "host_steal_pct": host.steal_pct, "kernel_flood_counters": kernel }),
     )
 }
 
@@ -396,41 +390,78 @@ fn check_smoke(scenarios: &[Scenario], rows: &[Value]) -> Result<()> {
 /// Rounds per scenario in a full run.
 const ROUNDS: usize = 3;
 
-/// Each scenario's rounds as one row, from its calm rounds (the host stole
-/// little during both the scenario and that round's baseline; every round
-/// when none was calm): the round whose high-priority p99 is their median
-/// (one real measurement, every column from the same run), its p99 against
-/// the baseline as the median of the ratio within a round (baseline and
-/// scenario a minute apart), and every round. `runs[0]` is the baseline's.
+/// Each scenario's rounds as one row, from its counted rounds (the calm
+/// ones: the host stole little during both the scenario and that round's
+/// baseline; every round when none was calm): the counted round whose
+/// high-priority p99 is their median, the slower of the middle two of an
+/// even count (one real measurement, every column from the same run), its p99
+/// against the baseline as the median of the ratio within a round (baseline
+/// and scenario up to two minutes apart), and every round. `runs[0]` is the
+/// baseline's.
 fn combine(runs: &[Vec<Value>]) -> Vec<Value> {
     let p99 = |r: &Value| r["high"]["latency_ms"]["p99"].as_f64().unwrap_or(0.0);
     let steal = |r: &Value| r["host_steal_pct"].as_f64().unwrap_or(0.0);
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
     runs.iter()
         .map(|rounds| {
+            // What decides a round's calm: the scenario's steal or its
+            // baseline's, whichever is worse.
             let worst: Vec<f64> = rounds
                 .iter()
                 .zip(&runs[0])
                 .map(|(r, base)| steal(r).max(steal(base)))
                 .collect();
-            let calm = calm_rounds(&worst);
-            let mut order: Vec<&Value> = calm.iter().map(|&r| &rounds[r]).collect();
-            order.sort_by(|a, b| p99(a).total_cmp(&p99(b)));
-            let mut row = order[order.len() / 2].clone();
-            let vs_baseline = calm
+            let counted = host::counted_rounds(&worst);
+            let mut order = counted.rounds.clone();
+            order.sort_by(|&a, &b| p99(&rounds[a]).total_cmp(&p99(&rounds[b])));
+            let shown = order[order.len() / 2];
+            let mut row = rounds[shown].clone();
+            let vs_baseline = counted
+                .rounds
                 .iter()
                 .filter(|&&r| p99(&runs[0][r]) > 0.0)
                 .map(|&r| p99(&rounds[r]) / p99(&runs[0][r]))
                 .collect();
-            row["p99_vs_baseline"] = json!(median(vs_baseline));
-            row["calm_rounds"] = json!(calm);
+            row["p99_vs_baseline"] = json!(host::median(vs_baseline));
+            row["round_steal_pct"] = json!(worst[shown]);
+            row["counted_rounds"] = json!(counted.rounds);
+            row["calm_rounds"] = json!(counted.calm);
             row["rounds"] = json!(rounds);
             row
         })
         .collect()
+}
+
+/// Writes the report of a measured run to docs/ (table and raw JSON).
+fn publish(root: &Path, rows: &[Value], seconds: f64, rounds: usize) -> Result<()> {
+    let md = summarise(rows, seconds, rounds);
+    println!("{md}");
+    let docs = root.join("docs");
+    std::fs::write(
+        docs.join("bench-flood.json"),
+        serde_json::to_string_pretty(&json!({ "rows": rows, "seconds": seconds }))?,
+    )?;
+    crate::replace_section(&docs.join("benchmarks.md"), "flood", &md)
+}
+
+/// `cargo xtask bench flood --from-json`: the report again from the rounds in
+/// docs/bench-flood.json (after a change to how they are summarised; nothing
+/// is measured).
+pub fn rerender(root: &Path, seconds: f64) -> Result<()> {
+    let raw = std::fs::read_to_string(root.join("docs/bench-flood.json"))
+        .context("reading docs/bench-flood.json")?;
+    let report: Value = serde_json::from_str(&raw).context("docs/bench-flood.json")?;
+    let runs: Vec<Vec<Value>> = report["rows"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .map(|r| r["rounds"].as_array().cloned().unwrap_or_default())
+        .collect();
+    if runs.is_empty() || runs[0].is_empty() {
+        bail!("docs/bench-flood.json has no rounds to summarise");
+    }
+    let rounds = runs[0].len();
+    let seconds = report["seconds"].as_f64().unwrap_or(seconds);
+    publish(root, &combine(&runs), seconds, rounds)
 }
 
 fn summarise(rows: &[Value], seconds: f64, rounds: usize) -> String {
@@ -438,19 +469,23 @@ fn summarise(rows: &[Value], seconds: f64, rounds: usize) -> String {
     let _ = writeln!(
         md,
         "## Connection flood (`cargo xtask bench flood`)\n\n\
-         {rounds} rounds of {seconds} s per scenario, each round running every scenario back to \
-         back; each row is the scenario's median round by the high-priority p99 among its calm \
-         rounds (`calm`: the host stole at most {STEAL_DISTURBED_PCT} % of the CPU time during \
-         both the scenario and that round's baseline; all rounds when none was), and `p99 vs \
-         baseline` the median over those rounds of the ratio to the round's baseline. High-priority client: 2 workers, 50 new connections a second, one \
-         request each. Flood: 64 workers opening new connections as fast as they can (200 ms connect \
+         {rounds} round{} of {seconds} s per scenario, each round running every scenario back \
+         to back. A round counts when it was calm (the host stole at most {STEAL_DISTURBED_PCT} % \
+         of the CPU time during both the scenario and that round's baseline; `calm`: how many \
+         were; at 0, every round counts). Each row is the scenario's counted round at the median \
+         of the high-priority p99 (of an even count, the slower of the middle two), and `p99 vs \
+         baseline` the median over the counted rounds of the ratio to the round's baseline (of \
+         an even count, the mean of the middle two). High-priority client: 2 workers, 50 new \
+         connections a second, one request each. Flood: 64 workers opening new connections as fast as they can (200 ms connect \
          timeout) from another CIDR. Kernel and nftables limits: 20 new connections/s per source. \
          Userspace-only: the flood tenant is limited to 1200 requests/min (429s after accepting). \
-         kedge pinned to CPU 1, clients to CPU 0. Host CPU busy: the share of both CPUs' time \
-         spent on this guest's work during the scenario; host steal: the share the hypervisor \
-         gave to other guests instead (from `/proc/stat`).\n\n\
+         kedge pinned to CPU 1, clients to CPU 0. Host CPU busy: the share of all CPUs' time \
+         spent on this guest's work during the scenario (stolen time not counted); host steal: \
+         the share the hypervisor gave to other guests instead, during the scenario or its \
+         round's baseline, whichever lost more (from `/proc/stat`).\n\n\
          | scenario | high ok % | high p50 ms | high p99 ms | p99 vs baseline | flood attempts | flood served | flood refused/dropped % | host CPU busy % | host steal % | calm |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|"
+         |---|---|---|---|---|---|---|---|---|---|---|",
+        if rounds == 1 { "" } else { "s" }
     );
     for r in rows {
         let h = &r["high"];
@@ -473,12 +508,14 @@ fn summarise(rows: &[Value], seconds: f64, rounds: usize) -> String {
         let flood_refused = flood_total - n(&f["ok"]);
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.2} | {:.2} | {:.2}x | {:.0} | {:.0} | {:.1} | {:.0} | {:.1} | {}/{} |",
+            "| {} | {:.1} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.1} | {}/{} |",
             r["scenario"].as_str().unwrap_or(""),
             high_ok,
             h["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
             p99,
-            r["p99_vs_baseline"].as_f64().unwrap_or(0.0),
+            r["p99_vs_baseline"]
+                .as_f64()
+                .map_or("n/a".to_owned(), |v| format!("{v:.2}x")),
             flood_total,
             n(&f["ok"]),
             if flood_total > 0.0 {
@@ -487,8 +524,8 @@ fn summarise(rows: &[Value], seconds: f64, rounds: usize) -> String {
                 0.0
             },
             r["host_cpu_busy_pct"].as_f64().unwrap_or(0.0),
-            r["host_steal_pct"].as_f64().unwrap_or(0.0),
-            r["calm_rounds"].as_array().map_or(0, Vec::len),
+            r["round_steal_pct"].as_f64().unwrap_or(0.0),
+            r["calm_rounds"].as_u64().unwrap_or(0),
             rounds,
         );
     }

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     Proc,
-    host::{HostTicks, STEAL_DISTURBED_PCT, calm_rounds},
+    host::{self, HostTicks, STEAL_DISTURBED_PCT},
 };
 use serde_json::{Value, json};
 
@@ -202,20 +202,19 @@ fn measure(
         )
     })?;
     let cpu = pids.iter().map(|p| cpu_us(*p)).sum::<u64>() - cpu_before;
-    result["host_steal_pct"] = json!(HostTicks::now().since(host_before).1);
+    result["host_steal_pct"] = json!(HostTicks::now().since(host_before).steal_pct);
     let served = result["ok"].as_u64().unwrap_or(0).max(1);
     result["cpu_us_per_request"] = json!(cpu as f64 / served as f64);
     Ok(result)
 }
 
 /// The runs of one target in one cell as one result: the median of each
-/// figure (throughput, p50, p99, CPU) and the sums of the counts, so a
-/// single disturbed round neither makes nor breaks a ratio.
-fn median_of(runs: &[Value]) -> Value {
+/// figure (throughput, p50, p99, CPU) over the `counted` rounds, so a single
+/// disturbed round neither makes nor breaks a ratio, and the sums of the
+/// counts over every round (an error in a left-out round still shows).
+fn median_of(runs: &[Value], counted: &[usize]) -> Value {
     let median = |f: &dyn Fn(&Value) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
+        host::median(counted.iter().map(|&r| f(&runs[r])).collect()).unwrap_or(0.0)
     };
     let sum = |key: &str| {
         runs.iter()
@@ -229,13 +228,88 @@ fn median_of(runs: &[Value]) -> Value {
             "p99": median(&|r| r["latency_ms"]["p99"].as_f64().unwrap_or(0.0)),
         },
         "cpu_us_per_request": median(&|r| r["cpu_us_per_request"].as_f64().unwrap_or(0.0)),
-        "host_steal_pct": median(&|r| r["host_steal_pct"].as_f64().unwrap_or(0.0)),
         "ok": sum("ok"),
         "responses": sum("responses"),
         "connect_failures": sum("connect_failures"),
         "timeouts": sum("timeouts"),
         "other_errors": sum("other_errors"),
     })
+}
+
+/// The targets, in the order of a round.
+const TARGETS: [&str; 4] = ["direct", "nginx", "kedge", "kedge-plain"];
+
+/// One cell's rows (one per target, `runs[t]` its rounds): only the rounds
+/// the hypervisor left alone count, if any did.
+fn cell_rows(runs: Vec<Vec<Value>>, stream: bool, concurrency: usize) -> Vec<Value> {
+    let rounds = runs.first().map_or(0, Vec::len);
+    let steal: Vec<f64> = (0..rounds)
+        .map(|r| {
+            runs.iter()
+                .map(|t| t[r]["host_steal_pct"].as_f64().unwrap_or(0.0))
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    let counted = host::counted_rounds(&steal);
+    TARGETS
+        .iter()
+        .zip(runs)
+        .map(|(name, runs)| {
+            let result = median_of(&runs, &counted.rounds);
+            println!(
+                "bench proxy: {:>11} stream={stream:<5} c={concurrency:<3} {:>8.0} req/s p50 {:>7.3} ms p99 {:>7.3} ms {:>6.1} us CPU/request (median of {} of {rounds} rounds, {} calm)",
+                name,
+                result["throughput_rps"].as_f64().unwrap_or(0.0),
+                result["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+                result["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+                result["cpu_us_per_request"].as_f64().unwrap_or(0.0),
+                counted.rounds.len(),
+                counted.calm,
+            );
+            json!({
+                "target": name, "stream": stream, "concurrency": concurrency, "result": result,
+                "rounds": runs, "counted_rounds": counted.rounds, "calm_rounds": counted.calm,
+            })
+        })
+        .collect()
+}
+
+/// Writes the report of a measured run to docs/ (table and raw JSON).
+fn publish(root: &Path, report: &Value, seconds: f64) -> Result<()> {
+    let docs = root.join("docs");
+    let md = summarise(report, seconds);
+    println!("{md}");
+    std::fs::write(
+        docs.join("bench-proxy.json"),
+        serde_json::to_string_pretty(report)?,
+    )?;
+    crate::replace_section(&docs.join("benchmarks.md"), "proxy", &md)
+}
+
+/// `cargo xtask bench proxy --from-json`: the report again from the rounds
+/// in docs/bench-proxy.json (after a change to how they are summarised;
+/// nothing is measured).
+pub fn rerender(root: &Path, seconds: f64) -> Result<()> {
+    let raw = std::fs::read_to_string(root.join("docs/bench-proxy.json"))
+        .context("reading docs/bench-proxy.json")?;
+    let mut report: Value = serde_json::from_str(&raw).context("docs/bench-proxy.json")?;
+    let old = report["rows"].as_array().cloned().unwrap_or_default();
+    let mut rows = Vec::new();
+    for cell in old.chunks(TARGETS.len()) {
+        let runs = cell
+            .iter()
+            .map(|r| r["rounds"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let (stream, c) = (&cell[0]["stream"], &cell[0]["concurrency"]);
+        rows.extend(cell_rows(
+            runs,
+            stream.as_bool().unwrap_or(false),
+            c.as_u64().unwrap_or(0) as usize,
+        ));
+    }
+    report["rows"] = json!(rows);
+    let seconds = report["seconds"].as_f64().unwrap_or(seconds);
+    publish(root, &report, seconds)
 }
 
 /// `bin`: the directory holding kedge, kedge-sim and kedge-load.
@@ -291,12 +365,13 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     )?;
     let plain = start_kedge(bin, &plain_conf, &plain_state, plain_port)?;
 
-    // Each target, and the processes whose CPU time it costs.
+    // Each target (in the order of `TARGETS`), and the processes whose CPU
+    // time it costs.
     let targets = [
-        ("direct", up_port, vec![upstream.0.id()]),
-        ("nginx", nginx_port, family(nginx_proc.0.id())),
-        ("kedge", kedge_port, vec![kedge.0.id()]),
-        ("kedge-plain", plain_port, vec![plain.0.id()]),
+        (up_port, vec![upstream.0.id()]),
+        (nginx_port, family(nginx_proc.0.id())),
+        (kedge_port, vec![kedge.0.id()]),
+        (plain_port, vec![plain.0.id()]),
     ];
     let rounds = if smoke { 1 } else { ROUNDS };
     let mut rows = Vec::new();
@@ -309,7 +384,7 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
             // its rounds.
             let mut runs: Vec<Vec<Value>> = vec![Vec::new(); targets.len()];
             for _ in 0..rounds {
-                for (t, (_, port, pids)) in targets.iter().enumerate() {
+                for (t, (port, pids)) in targets.iter().enumerate() {
                     let result = measure(bin, *port, pids, concurrency, stream, seconds)?;
                     if t == 2 {
                         kedge_peak_rss = kedge_peak_rss.max(rss_kib(kedge.0.id()));
@@ -317,54 +392,21 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
                     runs[t].push(result);
                 }
             }
-            // Only the rounds the hypervisor left alone count, if any did.
-            let steal: Vec<f64> = (0..rounds)
-                .map(|r| {
-                    runs.iter()
-                        .map(|t| t[r]["host_steal_pct"].as_f64().unwrap_or(0.0))
-                        .fold(0.0, f64::max)
-                })
-                .collect();
-            let calm = calm_rounds(&steal);
-            for ((name, _, _), runs) in targets.iter().zip(runs) {
-                let counted: Vec<Value> = calm.iter().map(|&r| runs[r].clone()).collect();
-                let result = median_of(&counted);
-                println!(
-                    "bench proxy: {:>11} stream={stream:<5} c={concurrency:<3} {:>8.0} req/s p50 {:>7.3} ms p99 {:>7.3} ms {:>6.1} us CPU/request (median of {} of {rounds} rounds)",
-                    name,
-                    result["throughput_rps"].as_f64().unwrap_or(0.0),
-                    result["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
-                    result["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
-                    result["cpu_us_per_request"].as_f64().unwrap_or(0.0),
-                    calm.len()
-                );
-                rows.push(json!({"target": name, "stream": stream, "concurrency": concurrency, "result": result, "rounds": runs, "calm_rounds": calm}));
-            }
+            rows.extend(cell_rows(runs, stream, concurrency));
         }
     }
-    let run_steal = HostTicks::now().since(run_start).1;
-    let report = summarise(
-        &rows,
-        concurrencies,
-        (kedge_idle_rss, kedge_peak_rss),
-        seconds,
-        run_steal,
-    );
-    println!("{report}");
+    let report = json!({
+        "rows": rows,
+        "kedge_rss_kib": {"idle": kedge_idle_rss, "under_load": kedge_peak_rss},
+        "host_steal_pct": HostTicks::now().since(run_start).steal_pct,
+        "seconds": seconds,
+    });
+    let _ = std::fs::remove_dir_all(&work);
     if smoke {
-        let _ = std::fs::remove_dir_all(&work);
+        println!("{}", summarise(&report, seconds));
         return check_smoke(&rows);
     }
-    let docs = root.join("docs");
-    std::fs::write(
-        docs.join("bench-proxy.json"),
-        serde_json::to_string_pretty(
-            &json!({"rows": rows, "kedge_rss_kib": {"idle": kedge_idle_rss, "under_load": kedge_peak_rss}, "host_steal_pct": run_steal}),
-        )?,
-    )?;
-    crate::replace_section(&docs.join("benchmarks.md"), "proxy", &report)?;
-    let _ = std::fs::remove_dir_all(&work);
-    Ok(())
+    publish(root, &report, seconds)
 }
 
 /// Every cell: requests answered, all 2xx, none failed or timed out.
@@ -394,25 +436,23 @@ fn check_smoke(rows: &[Value]) -> Result<()> {
     Ok(())
 }
 
-fn summarise(
-    rows: &[Value],
-    concurrencies: &[usize],
-    (idle_rss, peak_rss): (u64, u64),
-    seconds: f64,
-    run_steal: f64,
-) -> String {
-    let get = |target: &str, stream: bool, c: usize| {
-        rows.iter()
-            .find(|r| r["target"] == target && r["stream"] == stream && r["concurrency"] == c)
-            .map(|r| r["result"].clone())
-            .unwrap_or(Value::Null)
-    };
+fn summarise(report: &Value, seconds: f64) -> String {
+    let rows = report["rows"].as_array().map_or(&[][..], Vec::as_slice);
+    let mut concurrencies: Vec<usize> = rows
+        .iter()
+        .filter_map(|r| r["concurrency"].as_u64())
+        .map(|c| c as usize)
+        .collect();
+    concurrencies.dedup();
+    concurrencies.sort_unstable();
+    concurrencies.dedup();
     let row = |target: &str, stream: bool, c: usize| {
         rows.iter()
             .find(|r| r["target"] == target && r["stream"] == stream && r["concurrency"] == c)
             .cloned()
             .unwrap_or(Value::Null)
     };
+    let get = |target: &str, stream: bool, c: usize| row(target, stream, c)["result"].clone();
     // Every round of one cell, target by target (same order in each).
     let all_rounds = |target: &str, stream: bool, c: usize| -> Vec<Value> {
         row(target, stream, c)["rounds"]
@@ -420,8 +460,8 @@ fn summarise(
             .cloned()
             .unwrap_or_default()
     };
-    let calm = |stream: bool, c: usize| -> Vec<usize> {
-        row("kedge", stream, c)["calm_rounds"]
+    let counted = |stream: bool, c: usize| -> Vec<usize> {
+        row("kedge", stream, c)["counted_rounds"]
             .as_array()
             .map(|a| {
                 a.iter()
@@ -431,26 +471,27 @@ fn summarise(
             })
             .unwrap_or_default()
     };
-    // The rounds that count: the calm ones.
+    // The rounds that count: the calm ones, or all when none was.
     let rounds = |target: &str, stream: bool, c: usize| -> Vec<Value> {
         let all = all_rounds(target, stream, c);
-        calm(stream, c)
+        counted(stream, c)
             .into_iter()
             .filter_map(|r| all.get(r).cloned())
             .collect()
     };
     // A ratio of kedge to nginx taken within each round (the two ran seconds
-    // apart, on the same machine state), then the median over rounds: the
-    // machine's drift between rounds cancels instead of adding noise. None
-    // when nginx's figure was not positive in most rounds (an added latency
-    // where the direct baseline was the slower one: no ratio to take).
+    // apart, on the same machine state), then the median over the counted
+    // rounds: the machine's drift between rounds cancels instead of adding
+    // noise. None when nginx's figure was not positive in most counted rounds
+    // (an added latency where the direct baseline was the slower one: no
+    // ratio to take).
     let ratio = |stream: bool, c: usize, f: &dyn Fn(&Value, &Value) -> Option<f64>| {
         let (d, n, k) = (
             rounds("direct", stream, c),
             rounds("nginx", stream, c),
             rounds("kedge", stream, c),
         );
-        let mut r: Vec<f64> = d
+        let r: Vec<f64> = d
             .iter()
             .zip(&n)
             .zip(&k)
@@ -459,18 +500,26 @@ fn summarise(
                 (nv > 0.0).then_some(kv / nv)
             })
             .collect();
-        r.sort_by(f64::total_cmp);
-        (2 * r.len() > d.len()).then(|| r[r.len() / 2])
+        if 2 * r.len() > d.len() {
+            host::median(r)
+        } else {
+            None
+        }
     };
     let cell_steal = |stream: bool, c: usize| {
-        let mut v: Vec<f64> = ["direct", "nginx", "kedge", "kedge-plain"]
-            .iter()
-            .flat_map(|t| all_rounds(t, stream, c))
-            .filter_map(|r| r["host_steal_pct"].as_f64())
-            .collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
+        host::median(
+            TARGETS
+                .iter()
+                .flat_map(|t| all_rounds(t, stream, c))
+                .filter_map(|r| r["host_steal_pct"].as_f64())
+                .collect(),
+        )
+        .unwrap_or(0.0)
     };
+    let round_count = all_rounds("kedge", false, 1).len();
+    let idle_rss = report["kedge_rss_kib"]["idle"].as_u64().unwrap_or(0);
+    let peak_rss = report["kedge_rss_kib"]["under_load"].as_u64().unwrap_or(0);
+    let run_steal = report["host_steal_pct"].as_f64().unwrap_or(0.0);
     let shown = |r: Option<f64>| r.map_or("n/a".to_owned(), |r| format!("{r:.2}"));
     let throughput = |v: &Value, _: &Value| v["throughput_rps"].as_f64();
     let added_p99 = |v: &Value, d: &Value| {
@@ -482,22 +531,23 @@ fn summarise(
     let _ = writeln!(
         md,
         "## Proxy overhead (`cargo xtask bench proxy`)\n\n\
-         Simulated upstream answering instantly (`kedge-sim`, 16 output tokens); {ROUNDS} rounds of \
-         {seconds} s, each round running all four targets back to back; every figure is the median \
-         of a cell's calm rounds (`calm`: those where the host stole at most \
-         {STEAL_DISTURBED_PCT} % of the CPU time in each run; all of them when none was); \
+         Simulated upstream answering instantly (`kedge-sim`, 16 output tokens); {round_count} \
+         rounds of {seconds} s, each round running all four targets back to back; every figure \
+         but the host steal is the median of a cell's calm rounds (`calm`: how many of its rounds \
+         had the host steal at most {STEAL_DISTURBED_PCT} % of the CPU time in each run; at 0, \
+         every round counts), of an even count the mean of the middle two; \
          kedge with classification, a routed model, DRR scheduling, a tenant budget (reserve and commit \
          on every request, SQLite ledger) and metrics all on. \
          load generator `kedge-load` pinned to CPU 0, proxy and upstream on CPU 1. Added latency = \
          proxied p50/p99 minus direct p50/p99 at the same concurrency. The kedge/nginx columns are \
-         the median over rounds of the ratio within a round (nginx and kedge seconds apart), not the \
-         ratio of the medians; `n/a` where the direct baseline's p99 was above nginx's in most \
-         rounds (no added latency to compare; the total p99 ratio still is).\n\n\
+         the median over those rounds of the ratio within a round (nginx and kedge seconds apart), \
+         not the ratio of the medians; `n/a` where the direct baseline's p99 was above nginx's in \
+         most of them (no added latency to compare; the total p99 ratio still is).\n\n\
          | stream | conc. | direct req/s | nginx req/s | kedge req/s | kedge/nginx throughput | nginx added p50/p99 ms | kedge added p50/p99 ms | kedge/nginx added p99 | kedge/nginx p99 | calm |\n\
          |---|---|---|---|---|---|---|---|---|---|---|"
     );
     for stream in [false, true] {
-        for &c in concurrencies {
+        for &c in &concurrencies {
             let (d, n, k) = (
                 get("direct", stream, c),
                 get("nginx", stream, c),
@@ -519,7 +569,7 @@ fn summarise(
                 added(&k, "p99"),
                 shown(ratio(stream, c, &added_p99)),
                 shown(ratio(stream, c, &p99)),
-                calm(stream, c).len(),
+                row("kedge", stream, c)["calm_rounds"].as_u64().unwrap_or(0),
                 all_rounds("kedge", stream, c).len(),
             );
         }
@@ -537,7 +587,7 @@ fn summarise(
          |---|---|---|---|---|---|---|---|---|---|"
     );
     for stream in [false, true] {
-        for &c in concurrencies {
+        for &c in &concurrencies {
             let (d, n, k, p) = (
                 get("direct", stream, c),
                 get("nginx", stream, c),
@@ -566,7 +616,7 @@ fn summarise(
          the whole run: {run_steal:.1} % of the machine's CPU time{}.",
         if run_steal > STEAL_DISTURBED_PCT {
             " — a disturbed run: a cell's figures come from its calm rounds (column `calm`), \
-             and a cell with none is as noisy as its host"
+             and a cell with none (0) is as noisy as its host"
         } else {
             ""
         }

@@ -8,8 +8,11 @@
 //! - `lint`: rustfmt and clippy, warnings denied.
 //! - `bench kernel`: per-packet cost of the eBPF programs (BPF_PROG_TEST_RUN; root).
 //! - `bench proxy`, `bench flood`: proxy overhead; connection flood (root).
-//! - `bench <kernel|proxy|flood> --smoke`: the short run `test` does (debug build,
-//!   writes nothing, fails when the pipeline does not work).
+//! - `bench instructions`: user-space instructions per request (callgrind).
+//! - `bench <kernel|proxy|flood|instructions> --smoke`: the short run `test` does
+//!   (debug build, writes nothing, fails when the pipeline does not work).
+//! - `bench <proxy|flood> --from-json`: the docs' report again from the rounds in
+//!   docs/bench-*.json, after a change to how they are summarised (no measuring).
 //!
 //! Every command but `setup` first checks the toolchain and stops with one clear
 //! sentence when something is missing.
@@ -65,7 +68,7 @@ fn main() -> ExitCode {
         Some("demo") => setup().and_then(|_| demo(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|build|test|run [CONFIG]|lint|install|demo [SECONDS]|bench <kernel|proxy|flood> [SECONDS|--smoke]>"
+                "usage: cargo xtask <setup|build|test|run [CONFIG]|lint|install|demo [SECONDS]|bench <kernel|proxy|flood|instructions> [SECONDS|--smoke|--from-json]>"
             );
             return ExitCode::from(2);
         }
@@ -297,6 +300,12 @@ fn bench(args: &[String]) -> Result<()> {
             ebpf_toolchain_env(&mut cargo())
                 .args(["bench", "-p", "kedge", "--bench", "kernel", "--", "kernel"]),
         ),
+        Some("proxy") if args.iter().any(|a| a == "--from-json") => {
+            bench_proxy::rerender(&root(), seconds(2.0)?)
+        }
+        Some("flood") if args.iter().any(|a| a == "--from-json") => {
+            bench_flood::rerender(&root(), seconds(20.0)?)
+        }
         Some("proxy") => {
             let seconds = seconds(2.0)?;
             build_bins()?;
@@ -314,7 +323,9 @@ fn bench(args: &[String]) -> Result<()> {
             build_bins()?;
             bench_instructions::run(&root(), &target_dir().join("release"), false)
         }
-        _ => bail!("usage: cargo xtask bench <kernel|proxy|flood|instructions> [SECONDS|--smoke]"),
+        _ => bail!(
+            "usage: cargo xtask bench <kernel|proxy|flood|instructions> [SECONDS|--smoke|--from-json]"
+        ),
     }
 }
 
