@@ -8,9 +8,9 @@
 //! CPU 1, the clients to CPU 0.
 //!
 //! `smoke` (`cargo xtask test`, `cargo xtask bench flood --smoke`): the same
-//! scenarios, one short round, writing nothing; it fails unless every scenario ran, the
-//! high-priority client was served where it must be, and the kernel program
-//! dropped most of the flood within its per-source budget.
+//! scenarios, one short round, writing nothing; it fails unless every scenario
+//! ran, the high-priority client was served where it must be, and the kernel
+//! program dropped most of the flood within its per-source budget.
 
 use std::{
     fmt::Write as _,
@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::{
     Proc,
@@ -447,9 +447,7 @@ fn publish(root: &Path, rows: &[Value], seconds: f64, rounds: usize) -> Result<(
 /// docs/bench-flood.json (after a change to how they are summarised; nothing
 /// is measured).
 pub fn rerender(root: &Path, seconds: f64) -> Result<()> {
-    let raw = std::fs::read_to_string(root.join("docs/bench-flood.json"))
-        .context("reading docs/bench-flood.json")?;
-    let report: Value = serde_json::from_str(&raw).context("docs/bench-flood.json")?;
+    let report = crate::read_bench_json(root, "flood")?;
     let runs: Vec<Vec<Value>> = report["rows"]
         .as_array()
         .map_or(&[][..], Vec::as_slice)

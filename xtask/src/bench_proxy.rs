@@ -290,9 +290,7 @@ fn publish(root: &Path, report: &Value, seconds: f64) -> Result<()> {
 /// in docs/bench-proxy.json (after a change to how they are summarised;
 /// nothing is measured).
 pub fn rerender(root: &Path, seconds: f64) -> Result<()> {
-    let raw = std::fs::read_to_string(root.join("docs/bench-proxy.json"))
-        .context("reading docs/bench-proxy.json")?;
-    let mut report: Value = serde_json::from_str(&raw).context("docs/bench-proxy.json")?;
+    let mut report = crate::read_bench_json(root, "proxy")?;
     let old = report["rows"].as_array().cloned().unwrap_or_default();
     let mut rows = Vec::new();
     for cell in old.chunks(TARGETS.len()) {
@@ -443,7 +441,6 @@ fn summarise(report: &Value, seconds: f64) -> String {
         .filter_map(|r| r["concurrency"].as_u64())
         .map(|c| c as usize)
         .collect();
-    concurrencies.dedup();
     concurrencies.sort_unstable();
     concurrencies.dedup();
     let row = |target: &str, stream: bool, c: usize| {
@@ -516,7 +513,10 @@ fn summarise(report: &Value, seconds: f64) -> String {
         )
         .unwrap_or(0.0)
     };
-    let round_count = all_rounds("kedge", false, 1).len();
+    let round_count = rows
+        .first()
+        .and_then(|r| r["rounds"].as_array())
+        .map_or(0, Vec::len);
     let idle_rss = report["kedge_rss_kib"]["idle"].as_u64().unwrap_or(0);
     let peak_rss = report["kedge_rss_kib"]["under_load"].as_u64().unwrap_or(0);
     let run_steal = report["host_steal_pct"].as_f64().unwrap_or(0.0);

@@ -255,6 +255,14 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 
 /// Replaces the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in
 /// `path` (appending the section when it is not there yet).
+/// A bench's raw figures as it wrote them, `docs/bench-NAME.json`.
+fn read_bench_json(root: &Path, name: &str) -> Result<serde_json::Value> {
+    let path = root.join(format!("docs/bench-{name}.json"));
+    let raw =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&raw).with_context(|| format!("{}", path.display()))
+}
+
 fn replace_section(path: &Path, name: &str, content: &str) -> Result<()> {
     let (open, close) = (
         format!("<!-- bench:{name} -->"),
