@@ -1,6 +1,8 @@
 //! Slow and hostile clients cannot hold kedge's resources: a raw TCP client
-//! that dribbles its headers, one that connects and says nothing, one that
-//! stalls its body; and a stalled upstream stream is ended.
+//! that dribbles its headers (first request or a later one), one that
+//! connects and says nothing, one that stalls its body; and a stalled
+//! upstream stream is ended. A keep-alive connection between requests, over
+//! HTTP/1.1 or HTTP/2, rests for the idle timeout, not the header timeout.
 
 mod support;
 
@@ -27,7 +29,7 @@ pin_root = "{{pin_root}}"
 [limits]
 header_read_timeout_ms = 500
 body_read_timeout_ms = 500
-idle_timeout_ms = 700
+idle_timeout_ms = 1500
 [[class]]
 name = "standard"
 priority = 2
@@ -106,13 +108,139 @@ fn a_silent_connection_is_closed_by_the_first_timeout() {
         closed_within(&mut s, Duration::from_secs(5)),
         "a connection that sends nothing must not be held"
     );
-    // A connection that never sends a request head meets the header read
-    // timeout (500 ms) before the idle timeout (700 ms); either way it goes.
+    // A connection that never sends its first request head meets the header
+    // read timeout (500 ms from the accept), well before the idle timeout
+    // (1500 ms).
     let elapsed = started.elapsed();
     assert!(
-        elapsed >= Duration::from_millis(450) && elapsed < Duration::from_secs(3),
+        elapsed >= Duration::from_millis(450) && elapsed < Duration::from_millis(1200),
         "closed after {elapsed:?}"
     );
+}
+
+const CHAT: &str = r#"{"model":"gpt-test","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// Sends one chat request on `s` and reads its whole answer (content-length framed).
+fn exchange(s: &mut TcpStream) -> String {
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: kedge\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{CHAT}",
+        CHAT.len()
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).expect("reading the answer");
+        assert!(
+            n > 0,
+            "closed mid-answer: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .expect("a content-length answer")
+                .parse()
+                .unwrap();
+            if body.len() >= length {
+                return text.into_owned();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_keep_alive_connection_rests_for_the_idle_timeout_not_the_header_timeout() {
+    let up = FakeOpenAi::start();
+    let (_kedge, addr) = start(&up);
+    let mut s = TcpStream::connect(addr).unwrap();
+    for n in 0..3 {
+        let answer = exchange(&mut s);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        if n < 2 {
+            // Past the header timeout (500 ms), within the idle one (1500 ms).
+            assert!(
+                !closed_within(&mut s, Duration::from_millis(900)),
+                "a keep-alive connection was closed while resting after request {n}"
+            );
+        }
+    }
+    // Resting past the idle timeout ends it.
+    let started = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(5)));
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1300) && elapsed < Duration::from_secs(4),
+        "closed after {elapsed:?}; idle_timeout_ms = 1500"
+    );
+}
+
+#[test]
+fn a_later_head_dribbled_on_a_keep_alive_connection_is_cut_off() {
+    let up = FakeOpenAi::start();
+    let (_kedge, addr) = start(&up);
+    let mut s = TcpStream::connect(addr).unwrap();
+    assert!(exchange(&mut s).starts_with("HTTP/1.1 200"));
+    // Rest a while, then dribble the next head: its 500 ms run from its
+    // first byte, and bytes keep moving, so the idle timeout cannot end it.
+    assert!(!closed_within(&mut s, Duration::from_millis(700)));
+    let started = Instant::now();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: kedge\r\n")
+        .unwrap();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        if s.write_all(b"x-slow: 1\r\n").is_err()
+            || closed_within(&mut s, Duration::from_millis(100))
+        {
+            closed = true;
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(closed, "kedge still held the connection after {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(400) && elapsed < Duration::from_millis(1400),
+        "closed after {elapsed:?}; header_read_timeout_ms = 500 from the head's first byte"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_rests_between_requests_for_the_idle_timeout() {
+    use http_body_util::{BodyExt, Full};
+    let up = FakeOpenAi::start();
+    let (_kedge, addr) = start(&up);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c handshake (prior knowledge)");
+    let conn = tokio::spawn(conn);
+    for n in 0..3 {
+        let req = hyper::Request::post(format!("http://{addr}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from_static(CHAT.as_bytes())))
+            .unwrap();
+        let resp = send
+            .send_request(req)
+            .await
+            .unwrap_or_else(|e| panic!("request {n} on the rested connection: {e}"));
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        resp.into_body().collect().await.unwrap();
+        if n < 2 {
+            // Past the header timeout, within the idle one: HTTP/2 has no
+            // heads for the header timer to wait on.
+            tokio::time::sleep(Duration::from_millis(900)).await;
+        }
+    }
+    conn.abort();
 }
 
 #[test]

@@ -2,10 +2,17 @@
 //! serve HTTP/1.1 and HTTP/2 (h2c by preface, or ALPN), and keep slow or idle
 //! clients from holding resources.
 //!
-//! Limits per connection: the TLS handshake and every HTTP/1 request head must
+//! Limits per connection, kept by one watchdog timer per connection (no timer
+//! per request): the TLS handshake, the first HTTP/1 request head (counted
+//! from the accept) and every later one (counted from its first byte) must
 //! arrive within `header_read_timeout_ms`; a connection with no request in
-//! flight and no bytes moving for `idle_timeout_ms` is closed (this also covers
-//! a client that connects and sends nothing, or stalls an HTTP/2 preface).
+//! flight and no bytes moving for `idle_timeout_ms` is closed. So a
+//! keep-alive connection may rest between requests for the idle timeout, as
+//! configured, while a client that connects and sends nothing, or dribbles a
+//! head, is cut off by the header timeout (nginx's `client_header_timeout`
+//! and `keepalive_timeout`). hyper's own header timer is off: it also ran
+//! while a keep-alive connection rested, closing it after the header timeout
+//! however long the idle timeout was, and it cost a boxed timer per request.
 
 use std::{
     io,
@@ -13,7 +20,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -28,7 +35,6 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::watch,
-    time::Instant,
 };
 use tokio_rustls::TlsAcceptor;
 
@@ -83,19 +89,66 @@ pub struct ConnInfo {
     pub kernel: (u32, u32),
 }
 
-/// When a connection last moved bytes, and how many requests it has open.
-/// Stamped on every read and write, so by the coarse clock (a tick is far
-/// below any idle timeout).
-#[derive(Default)]
+/// When a connection last moved bytes, how many requests it has open, and
+/// since when the HTTP/1 request head being read has been arriving. Stamped
+/// on every read and write, so by the coarse clock (a tick is far below any
+/// timeout).
 pub struct Activity {
     /// [`clock::coarse_ms`] of the last read or write.
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// [`clock::coarse_ms`] when the request head now being read began: the
+    /// accept, then the first byte read after a request ended. [`NO_HEAD`]
+    /// while none is being read (a request is open, the keep-alive
+    /// connection rests, or it speaks HTTP/2).
+    head_since_ms: AtomicU64,
+    http2: AtomicBool,
 }
 
+const NO_HEAD: u64 = u64::MAX;
+
+/// The watchdog's shortest sleep: a few coarse-clock ticks.
+const MIN_CHECK: Duration = Duration::from_millis(10);
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4), as hyper's auto-detection
+/// matches it on cleartext connections.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 impl Activity {
+    /// A connection just accepted: its first head is due within the header
+    /// timeout from now.
+    fn accepted() -> Activity {
+        let now = clock::coarse_ms();
+        Activity {
+            last_ms: AtomicU64::new(now),
+            in_flight: AtomicUsize::new(0),
+            head_since_ms: AtomicU64::new(now),
+            http2: AtomicBool::new(false),
+        }
+    }
+
     fn touch(&self) {
         self.last_ms.store(clock::coarse_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes arrived: between requests of an HTTP/1 connection they are the
+    /// start of the next head, and its deadline starts running.
+    fn on_read(&self) {
+        let now = clock::coarse_ms();
+        self.last_ms.store(now, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since_ms.load(Ordering::Relaxed) == NO_HEAD
+            && !self.http2.load(Ordering::Relaxed)
+        {
+            self.head_since_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// The connection speaks HTTP/2: no heads to time (each stream is a
+    /// request with its own body and upstream limits).
+    fn set_http2(&self) {
+        self.http2.store(true, Ordering::Relaxed);
+        self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
     }
 
     /// How long the connection has been quiet.
@@ -105,9 +158,52 @@ impl Activity {
         )
     }
 
-    /// Marks a request open until the returned guard is dropped.
+    /// How long the head being read has been arriving, if one is.
+    fn head_age(&self) -> Option<Duration> {
+        let since = self.head_since_ms.load(Ordering::Relaxed);
+        (since != NO_HEAD).then(|| Duration::from_millis(clock::coarse_ms().saturating_sub(since)))
+    }
+
+    /// Why the connection must close now, if it must.
+    fn expired(&self, limits: ConnLimits) -> Option<&'static str> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        if self.head_age().is_some_and(|age| age >= limits.header_read) {
+            return Some("the request head did not arrive in time");
+        }
+        (self.quiet() >= limits.idle).then_some("idle")
+    }
+
+    /// How long the watchdog may sleep before [`Activity::expired`] could
+    /// change its answer. With no head being read a new one may begin at any
+    /// moment, so an HTTP/1 connection is looked at at least once per header
+    /// timeout: a head that began since is then timed from its first byte.
+    /// Never less than [`MIN_CHECK`], so a zero timeout cannot spin.
+    fn next_check(&self, limits: ConnLimits) -> Duration {
+        self.until_expiry(limits).max(MIN_CHECK)
+    }
+
+    fn until_expiry(&self, limits: ConnLimits) -> Duration {
+        let heads = if self.http2.load(Ordering::Relaxed) {
+            limits.idle
+        } else {
+            limits.header_read
+        };
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return heads.min(limits.idle);
+        }
+        let head_left = self
+            .head_age()
+            .map_or(heads, |age| limits.header_read.saturating_sub(age));
+        head_left.min(limits.idle.saturating_sub(self.quiet()))
+    }
+
+    /// Marks a request open until the returned guard is dropped: its head
+    /// has been read.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
         InFlight(self.clone())
     }
 }
@@ -126,6 +222,28 @@ impl Drop for InFlight {
 struct Watched<T> {
     inner: T,
     activity: Arc<Activity>,
+    /// On a cleartext connection, how many of the first bytes matched the
+    /// HTTP/2 preface so far; `None` once decided (or under TLS, where ALPN
+    /// decides).
+    preface: Option<u8>,
+}
+
+impl<T> Watched<T> {
+    /// Follows the first bytes of a cleartext connection until they are, or
+    /// cannot be, the HTTP/2 preface.
+    fn sniff(&mut self, read: &[u8]) {
+        let Some(matched) = self.preface else { return };
+        let at = usize::from(matched);
+        let n = read.len().min(H2_PREFACE.len() - at);
+        self.preface = if read[..n] != H2_PREFACE[at..at + n] {
+            None
+        } else if at + n == H2_PREFACE.len() {
+            self.activity.set_http2();
+            None
+        } else {
+            Some((at + n) as u8)
+        };
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
@@ -137,7 +255,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.touch();
+            self.sniff(&buf.filled()[before..]);
+            self.activity.on_read();
         }
         r
     }
@@ -206,10 +325,10 @@ impl ProxySlot {
             idle: Duration::from_millis(limits.idle_timeout_ms),
         };
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // Heads are timed by the connection's watchdog (see the module docs).
         builder
             .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read)
+            .header_read_timeout(None)
             .max_buf_size(64 * 1024);
         // No HTTP/2 keep-alive pings: answered pings would count as activity
         // and keep an idle connection open forever; the idle watchdog decides.
@@ -245,11 +364,11 @@ impl ProxySlot {
             let builder = builder.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
-                let activity = Arc::new(Activity::default());
-                activity.touch();
+                let activity = Arc::new(Activity::accepted());
                 let stream = Watched {
                     inner: stream,
                     activity: activity.clone(),
+                    preface: tls.is_none().then_some(0),
                 };
                 match tls {
                     None => {
@@ -260,6 +379,9 @@ impl ProxySlot {
                             .await
                         {
                             Ok(Ok(tls_stream)) => {
+                                if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                    activity.set_http2();
+                                }
                                 serve_conn(
                                     proxy, &builder, watcher, tls_stream, info, activity, limits,
                                 )
@@ -306,12 +428,7 @@ async fn serve_conn<T>(
     let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
     tokio::pin!(conn);
     loop {
-        // While a request is open (a long stream may be quiet) only look again later.
-        let deadline = if activity.in_flight.load(Ordering::Relaxed) > 0 {
-            Instant::now() + limits.idle
-        } else {
-            Instant::now() + limits.idle.saturating_sub(activity.quiet())
-        };
+        let wait = activity.next_check(limits);
         tokio::select! {
             r = &mut conn => {
                 if let Err(e) = r {
@@ -319,13 +436,103 @@ async fn serve_conn<T>(
                 }
                 return;
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                let idle = activity.quiet() >= limits.idle;
-                if idle && activity.in_flight.load(Ordering::Relaxed) == 0 {
-                    tracing::debug!(peer = %info.peer, "closing an idle connection");
+            _ = tokio::time::sleep(wait) => {
+                if let Some(why) = activity.expired(limits) {
+                    tracing::debug!(peer = %info.peer, why, "closing the connection");
                     return;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watched() -> Watched<()> {
+        Watched {
+            inner: (),
+            activity: Arc::new(Activity::accepted()),
+            preface: Some(0),
+        }
+    }
+
+    #[test]
+    fn the_http2_preface_is_recognised_in_one_read_or_split() {
+        let mut w = watched();
+        w.sniff(H2_PREFACE);
+        assert!(w.activity.http2.load(Ordering::Relaxed));
+        assert_eq!(w.activity.head_age(), None, "HTTP/2 has no heads to time");
+
+        let mut w = watched();
+        for part in H2_PREFACE.chunks(5) {
+            w.sniff(part);
+        }
+        assert!(w.activity.http2.load(Ordering::Relaxed));
+        assert_eq!(w.preface, None, "decided, not followed further");
+
+        // The preface and the first frame in one read.
+        let mut w = watched();
+        w.sniff(&[&H2_PREFACE[..], b"\0\0\x12\x04"].concat());
+        assert!(w.activity.http2.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn anything_else_is_http1_and_its_head_is_timed() {
+        for first in [
+            &b"POST /v1/chat/completions HTTP/1.1\r\n"[..],
+            b"PRI * HTTP/1.1\r\n",
+            b"P",
+        ] {
+            let mut w = watched();
+            w.sniff(first);
+            w.sniff(b"OST / HTTP/1.1\r\n");
+            assert!(!w.activity.http2.load(Ordering::Relaxed), "{first:?}");
+            assert_eq!(w.preface, None, "{first:?}");
+            assert!(w.activity.head_age().is_some(), "timed from the accept");
+        }
+    }
+
+    #[test]
+    fn a_head_is_timed_from_its_first_byte_and_not_while_a_request_is_open() {
+        let limits = ConnLimits {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(120),
+        };
+        let a = Arc::new(Activity::accepted());
+        // Just accepted: the first head is due within the header timeout.
+        assert!(a.next_check(limits) <= limits.header_read);
+        assert_eq!(a.expired(limits), None);
+        let open = a.begin();
+        assert_eq!(a.head_age(), None);
+        a.on_read(); // body bytes of the open request
+        assert_eq!(a.head_age(), None);
+        drop(open);
+        // Resting between requests: no head deadline, only the idle one
+        // (looked at once per header timeout, for a head starting later).
+        assert_eq!(a.head_age(), None);
+        assert!(a.next_check(limits) <= limits.header_read);
+        a.on_read(); // the next head's first bytes
+        assert!(a.head_age().is_some());
+        a.set_http2();
+        assert_eq!(a.head_age(), None);
+        assert!(
+            a.next_check(limits) > limits.header_read,
+            "HTTP/2: idle only"
+        );
+    }
+
+    #[test]
+    fn zero_timeouts_close_at_once_and_never_spin_the_watchdog() {
+        let zero = ConnLimits {
+            header_read: Duration::ZERO,
+            idle: Duration::ZERO,
+        };
+        let a = Arc::new(Activity::accepted());
+        assert!(a.expired(zero).is_some());
+        let _open = a.begin();
+        assert_eq!(a.expired(zero), None, "an open request is never cut");
+        assert_eq!(a.next_check(zero), MIN_CHECK);
     }
 }
