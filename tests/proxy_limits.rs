@@ -70,27 +70,30 @@ fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
     }
 }
 
+/// Sends a request line, then a header line every 100 ms for up to 5 s:
+/// bytes keep moving, so only the header deadline can end this. Returns how
+/// long kedge held the connection (and fails if it still does after 5 s).
+fn dribble_a_head(s: &mut TcpStream) -> Duration {
+    let started = Instant::now();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: kedge\r\n")
+        .unwrap();
+    while started.elapsed() < Duration::from_secs(5) {
+        if s.write_all(b"x-slow: 1\r\n").is_err() || closed_within(s, Duration::from_millis(100)) {
+            return started.elapsed();
+        }
+    }
+    panic!(
+        "kedge still held the connection after {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn a_client_dribbling_its_headers_is_cut_off() {
     let up = FakeOpenAi::start();
     let (_kedge, addr) = start(&up);
     let mut s = TcpStream::connect(addr).unwrap();
-    let started = Instant::now();
-    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: kedge\r\n")
-        .unwrap();
-    let mut closed = false;
-    // Keep sending a header line every 100 ms for up to 5 s: bytes keep
-    // moving, so only the header deadline can end this.
-    while started.elapsed() < Duration::from_secs(5) {
-        if s.write_all(b"x-slow: 1\r\n").is_err()
-            || closed_within(&mut s, Duration::from_millis(100))
-        {
-            closed = true;
-            break;
-        }
-    }
-    let elapsed = started.elapsed();
-    assert!(closed, "kedge still held the connection after {elapsed:?}");
+    let elapsed = dribble_a_head(&mut s);
     assert!(
         elapsed >= Duration::from_millis(400) && elapsed < Duration::from_secs(3),
         "closed after {elapsed:?}; header_read_timeout_ms = 500"
@@ -189,20 +192,7 @@ fn a_later_head_dribbled_on_a_keep_alive_connection_is_cut_off() {
     // Rest a while, then dribble the next head: its 500 ms run from its
     // first byte, and bytes keep moving, so the idle timeout cannot end it.
     assert!(!closed_within(&mut s, Duration::from_millis(700)));
-    let started = Instant::now();
-    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: kedge\r\n")
-        .unwrap();
-    let mut closed = false;
-    while started.elapsed() < Duration::from_secs(5) {
-        if s.write_all(b"x-slow: 1\r\n").is_err()
-            || closed_within(&mut s, Duration::from_millis(100))
-        {
-            closed = true;
-            break;
-        }
-    }
-    let elapsed = started.elapsed();
-    assert!(closed, "kedge still held the connection after {elapsed:?}");
+    let elapsed = dribble_a_head(&mut s);
     assert!(
         elapsed >= Duration::from_millis(400) && elapsed < Duration::from_millis(1400),
         "closed after {elapsed:?}; header_read_timeout_ms = 500 from the head's first byte"

@@ -181,22 +181,21 @@ impl Activity {
     /// timeout: a head that began since is then timed from its first byte.
     /// Never less than [`MIN_CHECK`], so a zero timeout cannot spin.
     fn next_check(&self, limits: ConnLimits) -> Duration {
-        self.until_expiry(limits).max(MIN_CHECK)
-    }
-
-    fn until_expiry(&self, limits: ConnLimits) -> Duration {
+        // The longest wait while no head is being read.
         let heads = if self.http2.load(Ordering::Relaxed) {
             limits.idle
         } else {
-            limits.header_read
+            limits.header_read.min(limits.idle)
         };
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return heads.min(limits.idle);
-        }
-        let head_left = self
-            .head_age()
-            .map_or(heads, |age| limits.header_read.saturating_sub(age));
-        head_left.min(limits.idle.saturating_sub(self.quiet()))
+        let wait = if self.in_flight.load(Ordering::Relaxed) > 0 {
+            heads
+        } else {
+            let head_left = self
+                .head_age()
+                .map_or(heads, |age| limits.header_read.saturating_sub(age));
+            head_left.min(limits.idle.saturating_sub(self.quiet()))
+        };
+        wait.max(MIN_CHECK)
     }
 
     /// Marks a request open until the returned guard is dropped: its head
