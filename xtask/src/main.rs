@@ -311,19 +311,17 @@ fn bench(args: &[String]) -> Result<()> {
         Some("proxy") if args.iter().any(|a| a == "--from-json") => {
             bench_proxy::rerender(&root(), seconds(2.0)?)
         }
-        Some("flood") if args.iter().any(|a| a == "--from-json") => {
-            bench_flood::rerender(&root(), seconds(20.0)?)
-        }
+        Some("flood") if args.iter().any(|a| a == "--from-json") => bench_flood::rerender(&root()),
         Some("proxy") => {
             let seconds = seconds(2.0)?;
             build_bins()?;
             bench_proxy::run(&root(), &target_dir().join("release"), seconds, false)
         }
         Some("flood") => {
-            // 1000 high-priority requests a round at 50/s: its p99 is the
-            // tenth slowest, not (at 10 s) the fifth, which one delayed
-            // request on a shared host moves.
-            let seconds = seconds(20.0)?;
+            // Seconds per window: short, so that a flooded window and its
+            // unflooded partner meet the same host weather; long enough that
+            // most of it is counted (not its first 0.5 s nor its last 0.25).
+            let seconds = seconds(2.5)?;
             build_bins()?;
             bench_flood::run(&root(), &target_dir().join("release"), seconds, false)
         }
@@ -337,7 +335,7 @@ fn bench(args: &[String]) -> Result<()> {
     }
 }
 
-/// Seconds per proxy cell and per flood scenario in a smoke run.
+/// Seconds per proxy cell and per flood window in a smoke run.
 const SMOKE_PROXY_SECONDS: f64 = 0.5;
 const SMOKE_FLOOD_SECONDS: f64 = 1.5;
 
@@ -453,6 +451,10 @@ impl Proc {
     /// SIGTERM, then up to `grace` for the process to exit on its own (a
     /// program under valgrind writes its counts on the way out), then SIGKILL.
     fn stop(&mut self, grace: std::time::Duration) {
+        // Gone and reaped already: its pid may be another process's now.
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
         // SAFETY: plain syscall on our own child's pid.
         unsafe { libc_kill(self.0.id() as i32, 15) };
         let deadline = std::time::Instant::now() + grace;

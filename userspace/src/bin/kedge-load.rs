@@ -8,9 +8,9 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -51,7 +51,9 @@ struct Args {
     prompt_repeat: usize,
     #[arg(long)]
     api_key: Option<String>,
-    /// Open a new TCP connection for every request (what a connection flood does).
+    /// Open a new TCP connection for every request (what a connection flood
+    /// does); each request's latency then counts its connect, as its client
+    /// waits for both.
     #[arg(long)]
     new_connection: bool,
     /// Bind this source address.
@@ -64,6 +66,16 @@ struct Args {
     /// Write running totals here once a second (for live displays).
     #[arg(long)]
     progress: Option<PathBuf>,
+    /// Also print every attempt as `[start, latency, outcome]` (`timeline`:
+    /// start in µs since the Unix epoch, latency in µs, outcome the HTTP
+    /// status or 0 connect failure, 1 timeout, 2 other error), so that a
+    /// caller can split one run into windows by time.
+    #[arg(long)]
+    timeline: bool,
+    /// Also stop (finishing the requests under way) when standard input is
+    /// closed: the caller ends the run when its windows are done.
+    #[arg(long)]
+    until_stdin_closes: bool,
     /// A label copied into the output.
     #[arg(long, default_value = "")]
     label: String,
@@ -72,6 +84,7 @@ struct Args {
 #[derive(Default)]
 struct Stats {
     latencies_us: Vec<u64>,
+    timeline: Vec<[u64; 3]>,
     first_byte_us: Vec<u64>,
     statuses: std::collections::BTreeMap<u16, u64>,
 }
@@ -87,8 +100,14 @@ struct Shared {
     connect_failures: AtomicU64,
     timeouts: AtomicU64,
     other_errors: AtomicU64,
+    stopped: AtomicBool,
     stats: Mutex<Stats>,
 }
+
+/// `timeline` outcomes that are not HTTP statuses.
+const CONNECT_FAILURE: u64 = 0;
+const TIMEOUT: u64 = 1;
+const OTHER_ERROR: u64 = 2;
 
 #[tokio::main]
 async fn main() {
@@ -123,6 +142,7 @@ async fn main() {
         connect_failures: AtomicU64::new(0),
         timeouts: AtomicU64::new(0),
         other_errors: AtomicU64::new(0),
+        stopped: AtomicBool::new(false),
         stats: Mutex::new(Stats::default()),
         args,
     });
@@ -133,6 +153,14 @@ async fn main() {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let _ = std::fs::write(&path, s.report().to_string());
             }
+        });
+    }
+    if shared.args.until_stdin_closes {
+        let s = shared.clone();
+        // A thread, not a task: a blocking read of stdin is all it does.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            s.stopped.store(true, Ordering::SeqCst);
         });
     }
     let workers: Vec<_> = (0..shared.args.concurrency.max(1))
@@ -168,6 +196,9 @@ fn parse_url(url: &str) -> Result<(SocketAddr, String, String), String> {
 impl Shared {
     /// Claims the next request slot, pacing to the configured rate.
     async fn next_slot(&self) -> bool {
+        if self.stopped.load(Ordering::SeqCst) {
+            return false;
+        }
         let n = self.issued.fetch_add(1, Ordering::SeqCst);
         if self.args.requests > 0 && n >= self.args.requests {
             return false;
@@ -180,31 +211,52 @@ impl Shared {
             }
             tokio::time::sleep_until(due.into()).await;
         }
-        Instant::now() < deadline
+        Instant::now() < deadline && !self.stopped.load(Ordering::SeqCst)
     }
 
-    async fn connect(&self) -> Option<http1::SendRequest<Full<Bytes>>> {
+    /// Notes one attempt on the timeline (when asked for one).
+    fn record(&self, stats: &mut Stats, began: Began, outcome: u64) {
+        if self.args.timeline {
+            let start = began
+                .wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            stats
+                .timeline
+                .push([start, began.at.elapsed().as_micros() as u64, outcome]);
+        }
+    }
+
+    fn failed(&self, counter: &AtomicU64, began: Began, outcome: u64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        self.record(&mut st, began, outcome);
+    }
+
+    /// A new connection, or the outcome that ended the attempt.
+    async fn connect(&self) -> Result<http1::SendRequest<Full<Bytes>>, u64> {
         let socket = if self.target.is_ipv4() {
             TcpSocket::new_v4()
         } else {
             TcpSocket::new_v6()
         }
-        .ok()?;
+        .map_err(|_| CONNECT_FAILURE)?;
         if let Some(src) = self.args.source {
-            socket.bind(SocketAddr::new(src, 0)).ok()?;
+            socket
+                .bind(SocketAddr::new(src, 0))
+                .map_err(|_| CONNECT_FAILURE)?;
         }
         let timeout = Duration::from_millis(self.args.connect_timeout_ms);
         let stream = match tokio::time::timeout(timeout, socket.connect(self.target)).await {
             Ok(Ok(s)) => s,
-            _ => {
-                self.connect_failures.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
+            _ => return Err(CONNECT_FAILURE),
         };
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.ok()?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| OTHER_ERROR)?;
         tokio::spawn(conn);
-        Some(sender)
+        Ok(sender)
     }
 
     fn report(&self) -> serde_json::Value {
@@ -228,7 +280,7 @@ impl Shared {
             .map(|(_, n)| n)
             .sum();
         let elapsed = self.started.elapsed().as_secs_f64();
-        json!({
+        let mut report = json!({
             "label": self.args.label,
             "elapsed_s": elapsed,
             "responses": done,
@@ -240,22 +292,54 @@ impl Shared {
             "throughput_rps": if elapsed > 0.0 { ok as f64 / elapsed } else { 0.0 },
             "latency_ms": {"p50": pct(&lat, 0.50), "p90": pct(&lat, 0.90), "p99": pct(&lat, 0.99), "max": pct(&lat, 1.0)},
             "first_byte_ms": {"p50": pct(&fb, 0.50), "p99": pct(&fb, 0.99)},
-        })
+        });
+        if self.args.timeline {
+            report["timeline"] = json!(stats.timeline);
+        }
+        report
+    }
+}
+
+/// When an attempt began, by the wall clock (for the timeline) and the monotonic one.
+#[derive(Clone, Copy)]
+struct Began {
+    wall: SystemTime,
+    at: Instant,
+}
+
+impl Began {
+    fn now() -> Began {
+        Began {
+            wall: SystemTime::now(),
+            at: Instant::now(),
+        }
     }
 }
 
 async fn worker(s: Arc<Shared>) {
     let mut conn: Option<http1::SendRequest<Full<Bytes>>> = None;
     while s.next_slot().await {
+        let mut began = Began::now();
         if s.args.new_connection || conn.as_ref().is_none_or(|c| c.is_closed()) {
-            conn = s.connect().await;
+            match s.connect().await {
+                Ok(c) => conn = Some(c),
+                Err(outcome) => {
+                    let counter = match outcome {
+                        CONNECT_FAILURE => &s.connect_failures,
+                        _ => &s.other_errors,
+                    };
+                    s.failed(counter, began, outcome);
+                    conn = None;
+                    continue;
+                }
+            }
         }
         let Some(sender) = conn.as_mut() else {
             continue;
         };
         if sender.ready().await.is_err() {
             conn = None;
-            s.other_errors.fetch_add(1, Ordering::Relaxed);
+            s.failed(&s.other_errors, began, OTHER_ERROR);
             continue;
         }
         let mut req = Request::post(s.path.as_str())
@@ -265,7 +349,11 @@ async fn worker(s: Arc<Shared>) {
             req = req.header("authorization", format!("Bearer {key}"));
         }
         let req = req.body(Full::new(s.body.clone())).expect("valid request");
-        let start = Instant::now();
+        // A reused connection's setup belongs to an earlier request.
+        if !s.args.new_connection {
+            began = Began::now();
+        }
+        let start = began.at;
         let timeout = Duration::from_millis(s.args.request_timeout_ms);
         let result = tokio::time::timeout(timeout, async {
             let resp = sender.send_request(req).await?;
@@ -287,13 +375,14 @@ async fn worker(s: Arc<Shared>) {
                     st.first_byte_us.push(f.as_micros() as u64);
                 }
                 *st.statuses.entry(status).or_default() += 1;
+                s.record(&mut st, began, u64::from(status));
             }
             Ok(Err(_)) => {
-                s.other_errors.fetch_add(1, Ordering::Relaxed);
+                s.failed(&s.other_errors, began, OTHER_ERROR);
                 conn = None;
             }
             Err(_) => {
-                s.timeouts.fetch_add(1, Ordering::Relaxed);
+                s.failed(&s.timeouts, began, TIMEOUT);
                 conn = None;
             }
         }
