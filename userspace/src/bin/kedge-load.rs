@@ -61,6 +61,11 @@ struct Args {
     source: Option<IpAddr>,
     #[arg(long, default_value_t = 2000)]
     connect_timeout_ms: u64,
+    /// Spread the workers' first attempts evenly over this many ms, so that
+    /// workers held by equal timeouts do not then act in step (a flood's
+    /// SYNs as a stream, not as bursts of one per worker).
+    #[arg(long, default_value_t = 0)]
+    spread_start_ms: u64,
     #[arg(long, default_value_t = 30_000)]
     request_timeout_ms: u64,
     /// Write running totals here once a second (for live displays).
@@ -164,7 +169,7 @@ async fn main() {
         });
     }
     let workers: Vec<_> = (0..shared.args.concurrency.max(1))
-        .map(|_| tokio::spawn(worker(shared.clone())))
+        .map(|i| tokio::spawn(worker(shared.clone(), i)))
         .collect();
     for w in workers {
         let _ = w.await;
@@ -316,7 +321,9 @@ impl Began {
     }
 }
 
-async fn worker(s: Arc<Shared>) {
+async fn worker(s: Arc<Shared>, index: usize) {
+    let spread = Duration::from_millis(s.args.spread_start_ms);
+    tokio::time::sleep(spread * index as u32 / s.args.concurrency.max(1) as u32).await;
     let mut conn: Option<http1::SendRequest<Full<Bytes>>> = None;
     while s.next_slot().await {
         let mut began = Began::now();
