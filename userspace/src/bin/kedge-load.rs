@@ -232,7 +232,13 @@ impl Shared {
         }
     }
 
-    fn failed(&self, counter: &AtomicU64, began: Began, outcome: u64) {
+    /// Counts a failed attempt by its outcome and notes it on the timeline.
+    fn failed(&self, began: Began, outcome: u64) {
+        let counter = match outcome {
+            CONNECT_FAILURE => &self.connect_failures,
+            TIMEOUT => &self.timeouts,
+            _ => &self.other_errors,
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         self.record(&mut st, began, outcome);
@@ -331,11 +337,7 @@ async fn worker(s: Arc<Shared>, index: usize) {
             match s.connect().await {
                 Ok(c) => conn = Some(c),
                 Err(outcome) => {
-                    let counter = match outcome {
-                        CONNECT_FAILURE => &s.connect_failures,
-                        _ => &s.other_errors,
-                    };
-                    s.failed(counter, began, outcome);
+                    s.failed(began, outcome);
                     conn = None;
                     continue;
                 }
@@ -346,7 +348,7 @@ async fn worker(s: Arc<Shared>, index: usize) {
         };
         if sender.ready().await.is_err() {
             conn = None;
-            s.failed(&s.other_errors, began, OTHER_ERROR);
+            s.failed(began, OTHER_ERROR);
             continue;
         }
         let mut req = Request::post(s.path.as_str())
@@ -385,11 +387,11 @@ async fn worker(s: Arc<Shared>, index: usize) {
                 s.record(&mut st, began, u64::from(status));
             }
             Ok(Err(_)) => {
-                s.failed(&s.other_errors, began, OTHER_ERROR);
+                s.failed(began, OTHER_ERROR);
                 conn = None;
             }
             Err(_) => {
-                s.failed(&s.timeouts, began, TIMEOUT);
+                s.failed(began, TIMEOUT);
                 conn = None;
             }
         }
