@@ -552,15 +552,29 @@ enum Chunk {
 }
 
 /// What the buffered bytes give.
-enum Step {
+pub(super) enum Step {
     Data(Bytes),
     More,
     End,
 }
 
 impl Framing {
+    /// A request body's framing, for the client-facing server
+    /// (`proxy/h1_server.rs`): chunked, or this many bytes. A request body
+    /// is never delimited by the connection's close.
+    pub(super) fn request(chunked: bool, length: u64) -> Framing {
+        Framing {
+            kind: if chunked {
+                Kind::Chunked(Chunk::Size)
+            } else {
+                Kind::Length(length)
+            },
+            keep_alive: true,
+        }
+    }
+
     /// Takes the next piece of body out of `buf`.
-    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, Error> {
+    pub(super) fn step(&mut self, buf: &mut BytesMut) -> Result<Step, Error> {
         loop {
             match &mut self.kind {
                 Kind::Done | Kind::Length(0) => {
@@ -606,9 +620,11 @@ impl Framing {
                     let Some(line) = take_line(buf)? else {
                         return Ok(Step::More);
                     };
+                    // Whitespace may come before a chunk extension's `;`
+                    // (RFC 9112 §7.1.1), never before the size.
                     let size = line[..].split(|b| *b == b';').next().unwrap_or_default();
-                    let size =
-                        chunk_size(size.trim_ascii()).ok_or(Error::Protocol("bad chunk size"))?;
+                    let size = chunk_size(size.trim_ascii_end())
+                        .ok_or(Error::Protocol("bad chunk size"))?;
                     self.kind = Kind::Chunked(if size == 0 {
                         Chunk::Trailers
                     } else {
@@ -654,14 +670,24 @@ fn chunk_size(hex: &[u8]) -> Option<u64> {
 }
 
 /// One CRLF-terminated line off the front of `buf` (without the CRLF).
+/// Strict: a bare LF or CR, or any other control byte but a tab, is an
+/// error. Request bodies are framed by this too, and a lenient reading of
+/// chunk lines is how a front proxy and the server behind it come to
+/// disagree on where a request ends (request smuggling).
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, Error> {
     match memchr::memchr(b'\n', buf) {
         Some(end) => {
-            let mut line = buf.split_to(end + 1);
-            line.truncate(end);
-            if line.last() == Some(&b'\r') {
-                line.truncate(end - 1);
+            if end == 0 || buf[end - 1] != b'\r' {
+                return Err(Error::Protocol("chunk line not ended by CRLF"));
             }
+            if buf[..end - 1]
+                .iter()
+                .any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
+            {
+                return Err(Error::Protocol("control byte in a chunk line"));
+            }
+            let mut line = buf.split_to(end + 1);
+            line.truncate(end - 1);
             Ok(Some(line))
         }
         None if buf.len() > MAX_HEAD => Err(Error::Protocol("chunk line too long")),

@@ -12,6 +12,7 @@
 
 mod charge;
 mod h1;
+mod h1_server;
 pub mod headers;
 mod meters;
 mod server;
@@ -32,10 +33,10 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode,
-    body::Incoming,
     header::{self, HeaderName, HeaderValue},
 };
 
+use h1_server::RequestBody;
 use headers::Forwarded;
 use meters::{HeaderValues, ONLY_BACKEND, RequestMeters, tenant_key};
 use server::InFlight;
@@ -194,10 +195,10 @@ impl Proxy {
 
     async fn handle(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: ConnInfo,
         in_flight: InFlight,
-    ) -> Response<Body> {
+    ) -> (Response<Body>, AnswerTags) {
         let request_id = headers::request_id(req.headers());
         let mut labels = Labels {
             class: conn.kernel.0,
@@ -228,34 +229,25 @@ impl Proxy {
             route = %RouteNote(labels.route, &self.backends),
             "request"
         );
-        let (mut parts, body) = resp.into_parts();
-        let h = &mut parts.headers;
-        if let Some(v) = route_value {
-            h.insert(headers::X_KEDGE_ROUTE, v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            h.insert(headers::X_REQUEST_ID, v);
-        }
-        if let Some(v) = self.header_values.class(labels.class) {
-            h.insert(headers::X_KEDGE_CLASS, v);
-        }
-        h.insert(
-            headers::X_KEDGE_TENANT,
-            self.header_values.tenant(labels.tenant.as_deref()),
-        );
-        Response::from_parts(
-            parts,
+        let tags = AnswerTags {
+            request_id,
+            class: self.header_values.class(labels.class),
+            tenant: self.header_values.tenant(labels.tenant.as_deref()),
+            route: route_value,
+        };
+        let resp = resp.map(|inner| {
             Tracked {
-                inner: body,
+                inner,
                 _in_flight: in_flight,
             }
-            .boxed(),
-        )
+            .boxed()
+        });
+        (resp, tags)
     }
 
     async fn pipeline(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: ConnInfo,
         request_id: &Arc<str>,
         labels: &mut Labels,
@@ -339,7 +331,7 @@ impl Proxy {
         &self,
         endpoint: Endpoint,
         headers: &HeaderMap,
-        body: Incoming,
+        body: RequestBody,
     ) -> Result<ParsedRequest, ApiError> {
         let limits = &self.cfg.raw.limits;
         let max = limits.max_body_bytes;
@@ -1037,6 +1029,57 @@ impl Settlement {
             outcome,
             "usage"
         );
+    }
+}
+
+/// The headers kedge adds to every answer: the request id and the class,
+/// tenant and route tags. They travel beside the answer instead of in its
+/// header map: the HTTP/1 server writes them straight into the head (four
+/// map inserts cost more than writing the rest of it), HTTP/2 inserts them.
+/// Any the backend sent under these names are replaced.
+pub struct AnswerTags {
+    /// ASCII graphic by construction ([`headers::request_id`]).
+    request_id: Arc<str>,
+    class: Option<HeaderValue>,
+    tenant: HeaderValue,
+    route: Option<HeaderValue>,
+}
+
+impl AnswerTags {
+    /// Whether a header of the answer is one of these (and so not sent).
+    pub fn replaces(name: &HeaderName) -> bool {
+        name == headers::X_REQUEST_ID
+            || name == headers::X_KEDGE_CLASS
+            || name == headers::X_KEDGE_TENANT
+            || name == headers::X_KEDGE_ROUTE
+    }
+
+    /// Each tag as a header line's name and value.
+    pub fn each(&self, mut line: impl FnMut(&HeaderName, &[u8])) {
+        line(&headers::X_REQUEST_ID, self.request_id.as_bytes());
+        if let Some(v) = &self.class {
+            line(&headers::X_KEDGE_CLASS, v.as_bytes());
+        }
+        line(&headers::X_KEDGE_TENANT, self.tenant.as_bytes());
+        if let Some(v) = &self.route {
+            line(&headers::X_KEDGE_ROUTE, v.as_bytes());
+        }
+    }
+
+    /// Puts the tags into a header map (HTTP/2).
+    pub fn insert_into(self, h: &mut HeaderMap) {
+        h.remove(headers::X_KEDGE_ROUTE);
+        if let Some(v) = self.route {
+            h.insert(headers::X_KEDGE_ROUTE, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&self.request_id) {
+            h.insert(headers::X_REQUEST_ID, v);
+        }
+        h.remove(headers::X_KEDGE_CLASS);
+        if let Some(v) = self.class {
+            h.insert(headers::X_KEDGE_CLASS, v);
+        }
+        h.insert(headers::X_KEDGE_TENANT, self.tenant);
     }
 }
 

@@ -1,6 +1,6 @@
 //! The listener: accept, read the connection's kernel tag, terminate TLS,
-//! serve HTTP/1.1 and HTTP/2 (h2c by preface, or ALPN), and keep slow or idle
-//! clients from holding resources.
+//! serve HTTP/1.1 (`proxy/h1_server.rs`) and HTTP/2 (hyper; h2c by preface,
+//! or ALPN), and keep slow or idle clients from holding resources.
 //!
 //! Limits per connection, kept by one watchdog timer per connection (no timer
 //! per request): the TLS handshake, the first HTTP/1 request head (counted
@@ -10,9 +10,11 @@
 //! keep-alive connection may rest between requests for the idle timeout, as
 //! configured, while a client that connects and sends nothing, or dribbles a
 //! head, is cut off by the header timeout (nginx's `client_header_timeout`
-//! and `keepalive_timeout`). hyper's own header timer is off: it also ran
-//! while a keep-alive connection rested, closing it after the header timeout
-//! however long the idle timeout was, and it cost a boxed timer per request.
+//! and `keepalive_timeout`).
+//!
+//! Shutdown: the listener closes; an HTTP/1 connection closes at once between
+//! requests and after its answer otherwise, an HTTP/2 one gracefully
+//! (GOAWAY, open streams finish); after 10 s whatever is left is dropped.
 
 use std::{
     io,
@@ -26,19 +28,17 @@ use std::{
     time::Duration,
 };
 
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
-};
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::{body::Incoming, server::conn::http2, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::{Proxy, ProxySlot, headers::PeerText};
+use super::{Proxy, ProxySlot, h1_server, h1_server::RequestBody, headers::PeerText};
 use crate::{cidr::CidrTable, clock, config::Loaded, kernel::TagReader};
 
 /// How a connection's class and tenant are found.
@@ -103,6 +103,8 @@ pub struct Activity {
     /// connection rests, or it speaks HTTP/2).
     head_since_ms: AtomicU64,
     http2: AtomicBool,
+    /// Shutting down: an HTTP/1 connection closes after the answer.
+    closing: AtomicBool,
 }
 
 const NO_HEAD: u64 = u64::MAX;
@@ -110,8 +112,8 @@ const NO_HEAD: u64 = u64::MAX;
 /// The watchdog's shortest sleep: a few coarse-clock ticks.
 const MIN_CHECK: Duration = Duration::from_millis(10);
 
-/// The HTTP/2 connection preface (RFC 9113 §3.4), as hyper's auto-detection
-/// matches it on cleartext connections.
+/// The HTTP/2 connection preface (RFC 9113 §3.4): a connection that opens
+/// with it speaks HTTP/2 (prior knowledge, h2c).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl Activity {
@@ -124,6 +126,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             head_since_ms: AtomicU64::new(now),
             http2: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -198,6 +201,11 @@ impl Activity {
         wait.max(MIN_CHECK)
     }
 
+    /// Whether an HTTP/1 connection is to close after its current answer.
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
     /// Marks a request open until the returned guard is dropped: its head
     /// has been read.
     pub fn begin(self: &Arc<Self>) -> InFlight {
@@ -221,28 +229,6 @@ impl Drop for InFlight {
 struct Watched<T> {
     inner: T,
     activity: Arc<Activity>,
-    /// On a cleartext connection, how many of the first bytes matched the
-    /// HTTP/2 preface so far; `None` once decided (or under TLS, where ALPN
-    /// decides).
-    preface: Option<u8>,
-}
-
-impl<T> Watched<T> {
-    /// Follows the first bytes of a cleartext connection until they are, or
-    /// cannot be, the HTTP/2 preface.
-    fn sniff(&mut self, read: &[u8]) {
-        let Some(matched) = self.preface else { return };
-        let at = usize::from(matched);
-        let n = read.len().min(H2_PREFACE.len() - at);
-        self.preface = if read[..n] != H2_PREFACE[at..at + n] {
-            None
-        } else if at + n == H2_PREFACE.len() {
-            self.activity.set_http2();
-            None
-        } else {
-            Some((at + n) as u8)
-        };
-    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
@@ -254,7 +240,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.sniff(&buf.filled()[before..]);
             self.activity.on_read();
         }
         r
@@ -323,21 +308,16 @@ impl ProxySlot {
             header_read: Duration::from_millis(limits.header_read_timeout_ms),
             idle: Duration::from_millis(limits.idle_timeout_ms),
         };
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // Heads are timed by the connection's watchdog (see the module docs).
-        builder
-            .http1()
-            .header_read_timeout(None)
-            .max_buf_size(64 * 1024);
         // No HTTP/2 keep-alive pings: answered pings would count as activity
         // and keep an idle connection open forever; the idle watchdog decides.
-        builder
-            .http2()
-            .timer(TokioTimer::new())
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_concurrent_streams(256)
             .max_header_list_size(64 * 1024);
-        let builder = Arc::new(builder);
-        let graceful = GracefulShutdown::new();
+        let h2 = Arc::new(h2);
+        // Every connection's task holds a sender: once all are dropped, the
+        // connections are done.
+        let (open, mut all_closed) = mpsc::channel::<()>(1);
         loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -359,32 +339,30 @@ impl ProxySlot {
                 kernel: proxy.tags.tag(&stream, peer.ip()),
             };
             tracing::debug!(%peer, class = proxy.cfg.class_name(info.kernel.0), "accepted");
-            let watcher = graceful.watcher();
-            let builder = builder.clone();
+            let conn = Conn {
+                proxy,
+                h2: h2.clone(),
+                info,
+                activity: Arc::new(Activity::accepted()),
+                limits,
+                shutdown: shutdown.clone(),
+                _open: open.clone(),
+            };
             let tls = tls.clone();
             tokio::spawn(async move {
-                let activity = Arc::new(Activity::accepted());
                 let stream = Watched {
                     inner: stream,
-                    activity: activity.clone(),
-                    preface: tls.is_none().then_some(0),
+                    activity: conn.activity.clone(),
                 };
                 match tls {
-                    None => {
-                        serve_conn(proxy, &builder, watcher, stream, info, activity, limits).await
-                    }
+                    None => conn.serve(stream, false).await,
                     Some(acceptor) => {
                         match tokio::time::timeout(limits.header_read, acceptor.accept(stream))
                             .await
                         {
                             Ok(Ok(tls_stream)) => {
-                                if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                                    activity.set_http2();
-                                }
-                                serve_conn(
-                                    proxy, &builder, watcher, tls_stream, info, activity, limits,
-                                )
-                                .await
+                                let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                                conn.serve(tls_stream, h2).await
                             }
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed")
@@ -396,8 +374,9 @@ impl ProxySlot {
             });
         }
         drop(listener);
+        drop(open);
         tokio::select! {
-            _ = graceful.shutdown() => {}
+            _ = all_closed.recv() => {}
             _ = tokio::time::sleep(Duration::from_secs(10)) => {
                 tracing::warn!("in-flight requests still running after 10 s; closing them");
             }
@@ -405,43 +384,205 @@ impl ProxySlot {
     }
 }
 
-async fn serve_conn<T>(
+/// An accepted connection and what serving it needs.
+struct Conn {
     proxy: Arc<Proxy>,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
-    io: T,
+    h2: Arc<http2::Builder<TokioExecutor>>,
     info: ConnInfo,
     activity: Arc<Activity>,
     limits: ConnLimits,
-) where
+    shutdown: watch::Receiver<bool>,
+    /// Held until the connection ends (see [`ProxySlot::serve`]).
+    _open: mpsc::Sender<()>,
+}
+
+impl Conn {
+    /// Serves the connection (HTTP/2 if ALPN said `h2` or it opens with the
+    /// preface, else HTTP/1) under its watchdog.
+    async fn serve<T>(self, mut io: T, alpn_h2: bool)
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            proxy,
+            h2,
+            info,
+            activity,
+            limits,
+            mut shutdown,
+            _open,
+        } = self;
+        let h2_shutdown = shutdown.clone();
+        let conn_activity = activity.clone();
+        let serving = async move {
+            let mut buf = BytesMut::new();
+            if alpn_h2 || opens_with_preface(&mut io, &mut buf).await? {
+                conn_activity.set_http2();
+                let io = Prefixed {
+                    prefix: buf.freeze(),
+                    inner: io,
+                };
+                serve_h2(proxy, &h2, io, info, &conn_activity, h2_shutdown).await
+            } else {
+                h1_server::serve(&proxy, &mut io, buf, info, &conn_activity).await
+            }
+        };
+        tokio::pin!(serving);
+        let sleep = tokio::time::sleep(activity.next_check(limits));
+        tokio::pin!(sleep);
+        let mut seen = shutdown.clone();
+        let stop = shutdown.changed();
+        tokio::pin!(stop);
+        let mut armed = false;
+        let mut shutting_down = false;
+        let ended = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = serving.as_mut().poll(cx) {
+                return Poll::Ready(r.err().map(|e| e.to_string()));
+            }
+            // The watchdog's timer and the shutdown signal keep this task's
+            // waker from their first poll; after that they are looked at (a
+            // load each) when the connection wakes, not polled every time.
+            if !armed {
+                armed = true;
+                let _ = stop.as_mut().poll(cx);
+                let _ = sleep.as_mut().poll(cx);
+            }
+            if !shutting_down && seen.has_changed().unwrap_or(true) {
+                shutting_down = true;
+                seen.mark_unchanged();
+                // HTTP/2 winds down by itself (`serve_h2`); HTTP/1 closes now
+                // between requests, else after the answer.
+                if !activity.http2.load(Ordering::Relaxed) {
+                    if activity.in_flight.load(Ordering::Relaxed) == 0 {
+                        return Poll::Ready(Some("shutting down".into()));
+                    }
+                    activity.closing.store(true, Ordering::Relaxed);
+                }
+            }
+            if sleep.is_elapsed() {
+                if let Some(why) = activity.expired(limits) {
+                    return Poll::Ready(Some(why.into()));
+                }
+                let next = tokio::time::Instant::now() + activity.next_check(limits);
+                sleep.as_mut().reset(next);
+                let _ = sleep.as_mut().poll(cx);
+            }
+            Poll::Pending
+        })
+        .await;
+        if let Some(why) = ended {
+            tracing::debug!(peer = %info.peer, why, "connection closed");
+        }
+    }
+}
+
+/// Reads a connection's first bytes until they are, or cannot be, the
+/// HTTP/2 preface; what was read stays in `buf`.
+async fn opens_with_preface<T: AsyncRead + Unpin>(
+    io: &mut T,
+    buf: &mut BytesMut,
+) -> io::Result<bool> {
+    loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        buf.reserve(8 << 10);
+        if io.read_buf(buf).await? == 0 {
+            return Ok(false);
+        }
+    }
+}
+
+/// Serves an HTTP/2 connection with hyper; on shutdown it sends GOAWAY and
+/// lets open streams finish.
+async fn serve_h2<T>(
+    proxy: Arc<Proxy>,
+    builder: &http2::Builder<TokioExecutor>,
+    io: T,
+    info: ConnInfo,
+    activity: &Arc<Activity>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()>
+where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn_activity = activity.clone();
+    let activity = activity.clone();
     let svc = service_fn(move |req: hyper::Request<Incoming>| {
         let proxy = proxy.clone();
-        let in_flight = conn_activity.begin();
+        let in_flight = activity.begin();
         async move {
-            Ok::<_, std::convert::Infallible>(Proxy::handle(&proxy, req, info, in_flight).await)
+            let req = req.map(RequestBody::Http2);
+            let (mut answer, tags) = Proxy::handle(&proxy, req, info, in_flight).await;
+            tags.insert_into(answer.headers_mut());
+            Ok::<_, std::convert::Infallible>(answer)
         }
     });
-    let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    loop {
-        let wait = activity.next_check(limits);
-        tokio::select! {
-            r = &mut conn => {
-                if let Err(e) = r {
-                    tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            _ = tokio::time::sleep(wait) => {
-                if let Some(why) = activity.expired(limits) {
-                    tracing::debug!(peer = %info.peer, why, "closing the connection");
-                    return;
-                }
-            }
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
+    };
+    r.map_err(io::Error::other)
+}
+
+/// A connection whose first bytes were already read: they are read again
+/// first.
+struct Prefixed<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -449,48 +590,43 @@ async fn serve_conn<T>(
 mod tests {
     use super::*;
 
-    fn watched() -> Watched<()> {
-        Watched {
-            inner: (),
-            activity: Arc::new(Activity::accepted()),
-            preface: Some(0),
+    async fn preface(parts: &[&'static [u8]]) -> (bool, BytesMut) {
+        let mut io: Box<dyn AsyncRead + Unpin> = Box::new(&b""[..]);
+        for part in parts.iter().rev() {
+            io = Box::new(AsyncReadExt::chain(*part, io));
         }
+        let mut buf = BytesMut::new();
+        (opens_with_preface(&mut io, &mut buf).await.unwrap(), buf)
     }
 
-    #[test]
-    fn the_http2_preface_is_recognised_in_one_read_or_split() {
-        let mut w = watched();
-        w.sniff(H2_PREFACE);
-        assert!(w.activity.http2.load(Ordering::Relaxed));
-        assert_eq!(w.activity.head_age(), None, "HTTP/2 has no heads to time");
-
-        let mut w = watched();
-        for part in H2_PREFACE.chunks(5) {
-            w.sniff(part);
-        }
-        assert!(w.activity.http2.load(Ordering::Relaxed));
-        assert_eq!(w.preface, None, "decided, not followed further");
-
+    #[tokio::test]
+    async fn the_http2_preface_is_recognised_in_one_read_or_split() {
+        assert!(preface(&[H2_PREFACE]).await.0);
+        let split: Vec<&'static [u8]> = H2_PREFACE.chunks(5).collect();
+        let (h2, buf) = preface(&split).await;
+        assert!(h2);
+        assert_eq!(&buf[..], H2_PREFACE, "kept to be read again");
         // The preface and the first frame in one read.
-        let mut w = watched();
-        w.sniff(&[&H2_PREFACE[..], b"\0\0\x12\x04"].concat());
-        assert!(w.activity.http2.load(Ordering::Relaxed));
+        assert!(
+            preface(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12\x04"])
+                .await
+                .0
+        );
     }
 
-    #[test]
-    fn anything_else_is_http1_and_its_head_is_timed() {
+    #[tokio::test]
+    async fn anything_else_is_http1_decided_at_the_first_difference() {
         for first in [
             &b"POST /v1/chat/completions HTTP/1.1\r\n"[..],
             b"PRI * HTTP/1.1\r\n",
             b"P",
         ] {
-            let mut w = watched();
-            w.sniff(first);
-            w.sniff(b"OST / HTTP/1.1\r\n");
-            assert!(!w.activity.http2.load(Ordering::Relaxed), "{first:?}");
-            assert_eq!(w.preface, None, "{first:?}");
-            assert!(w.activity.head_age().is_some(), "timed from the accept");
+            let (h2, buf) = preface(&[first, b"OST / HTTP/1.1\r\n"]).await;
+            assert!(!h2, "{first:?}");
+            assert!(buf.starts_with(first), "what was read is kept");
         }
+        // A connection closed before deciding is not HTTP/2.
+        assert!(!preface(&[b"PRI * HT"]).await.0);
     }
 
     #[test]

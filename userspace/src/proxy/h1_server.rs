@@ -1,0 +1,846 @@
+//! The client-facing HTTP/1.1 server: reads a connection's request heads,
+//! frames their bodies, writes the answers, keeps the connection alive
+//! between requests. HTTP/2 connections go to hyper (`proxy/server.rs`).
+//!
+//! Why not hyper's HTTP/1 server: on the proxy's path it cost about 12 000
+//! instructions a request (its dispatch loop, the body channel, encoding the
+//! response head from the header map, buffered reads and flushes) — a quarter
+//! of all kedge executed per request, and most of its gap to nginx
+//! (docs/benchmarks.md). Here the connection's task reads the head and, when
+//! the body came with it (nearly every LLM API request), hands the body over
+//! as it lies in the buffer; an answer of known length goes out with its head
+//! in one write; a stream's events that are ready together go out together.
+//!
+//! Rules (RFC 9112), strict wherever a lenient reading lets kedge and a proxy
+//! in front of it disagree on where a request ends (request smuggling):
+//! - `Transfer-Encoding` with `Content-Length`, in an HTTP/1.0 request, or
+//!   not ending in `chunked`: 400; a coding other than `chunked`: 501. The
+//!   connection closes after any framing error.
+//! - `Content-Length`: digits only; repeated values must agree (`5, 5`).
+//! - Chunk lines end in CRLF, chunk data is followed by CRLF, sizes are hex
+//!   (at most 15 digits), no control bytes in extensions (`h1::Framing`).
+//! - Obsolete line folding, space before a header's colon, bare CR: 400
+//!   (httparse's defaults).
+//! - A head over 64 KiB or over 100 header lines: 431.
+//! - A body the handler did not read to its end (a 401 before the upload,
+//!   a 413): the connection closes after the answer rather than guess where
+//!   the next request starts.
+//! - `Expect: 100-continue`: the 100 goes out when the body is not already
+//!   here.
+//!
+//! Keep-alive: HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with
+//! `Connection: keep-alive`. Pipelined requests are answered in order. A
+//! client that closes its side while its request is served cancels the
+//! request (hyper does the same): the upstream call is dropped and the
+//! budget settles what was used. Time limits are the connection watchdog's
+//! (`proxy/server.rs`); graceful shutdown closes after the current answer.
+
+use std::{
+    io,
+    mem::MaybeUninit,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+    body::Incoming,
+    header::{self, HeaderName, HeaderValue},
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::mpsc,
+};
+
+use super::{
+    AnswerTags, Body, BoxError, Proxy, error_response,
+    h1::{Framing, Step},
+    server::{Activity, ConnInfo},
+};
+use crate::openai::ApiError;
+
+/// Most bytes of a request head (431 above).
+pub(super) const MAX_HEAD: usize = 64 << 10;
+/// Most header lines of a request head (431 above), as hyper.
+const MAX_HEADERS: usize = 100;
+/// Room made in the read buffer before each read.
+const READ_CHUNK: usize = 8 << 10;
+/// Answer bytes gathered before they are written.
+const WRITE_BATCH: usize = 64 << 10;
+/// Pieces of a still-arriving body read ahead of the handler.
+const BODY_AHEAD: usize = 4;
+
+/// A request's body as the handler reads it.
+pub enum RequestBody {
+    /// All of it, read with the head (`None`: empty).
+    Whole(Option<Bytes>),
+    /// Still arriving: the connection's task reads and decodes it.
+    Arriving(mpsc::Receiver<io::Result<Bytes>>),
+    /// An HTTP/2 stream's body.
+    Http2(Incoming),
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Arriving(rx) => rx
+                .poll_recv(cx)
+                .map(|piece| piece.map(|r| r.map(Frame::data).map_err(Into::into))),
+            RequestBody::Http2(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Whole(bytes) => bytes.is_none(),
+            RequestBody::Arriving(_) => false,
+            RequestBody::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Whole(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len()) as u64)
+            }
+            RequestBody::Arriving(_) => SizeHint::default(),
+            RequestBody::Http2(body) => body.size_hint(),
+        }
+    }
+}
+
+/// A request head as read, with what it says about framing and the
+/// connection.
+struct Head {
+    request: Request<()>,
+    /// Chunked, else `length` bytes of body.
+    chunked: bool,
+    length: u64,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// Why a head is refused; the connection closes after the answer.
+#[derive(Debug, PartialEq)]
+enum HeadError {
+    /// 400: not HTTP/1.x as the rules above read it.
+    Bad(&'static str),
+    /// 431: too long, or too many lines.
+    TooLarge,
+    /// 501: a transfer coding kedge does not decode.
+    Unsupported,
+}
+
+impl HeadError {
+    fn answer(&self) -> Response<Body> {
+        let (status, code, message) = match self {
+            HeadError::Bad(why) => (StatusCode::BAD_REQUEST, "bad_request", *why),
+            HeadError::TooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_header_fields_too_large",
+                "The request head is larger than 64 KiB or has more than 100 header lines",
+            ),
+            HeadError::Unsupported => (
+                StatusCode::NOT_IMPLEMENTED,
+                "unsupported_transfer_coding",
+                "Only the chunked transfer coding is supported",
+            ),
+        };
+        error_response(&ApiError::new(
+            status,
+            "invalid_request_error",
+            code,
+            message.to_string(),
+        ))
+    }
+}
+
+/// Takes a request head off the front of `buf`, if it is all there.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
+    // Uninitialised slots: zeroing 100 of them would cost more than the parse.
+    let mut lines = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, &mut lines)
+    {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Bad("The request is not HTTP/1.x")),
+    };
+    if len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let version = if req.version == Some(1) {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
+        .map_err(|_| HeadError::Bad("Bad request method"))?;
+    let base = buf.as_ptr() as usize;
+    let path = req.path.unwrap_or_default();
+    let path_at = path.as_ptr() as usize - base;
+    let path = path_at..path_at + path.len();
+
+    let mut framing = FramingFacts::default();
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut expect_continue = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            framing.length(h.value)?;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            framing.codings(h.value);
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in tokens(h.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    keep_alive = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            // An HTTP/1.0 client does not know interim answers.
+            expect_continue = version == Version::HTTP_11
+                && h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    let chunked = framing.chunked(version)?;
+    // Where each line lies in the head, to slice the frozen bytes (no copy).
+    let spans: smallvec::SmallVec<[_; 24]> = req
+        .headers
+        .iter()
+        .map(|h| {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            (name..name + h.name.len(), value..value + h.value.len())
+        })
+        .collect();
+    let bytes = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(bytes.slice(path))
+        .map_err(|_| HeadError::Bad("Bad request target"))?;
+    // Room for the forwarding headers kedge adds upstream is not needed: the
+    // upstream's head is written from its own list.
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, value) in spans {
+        let name =
+            HeaderName::from_bytes(&bytes[name]).map_err(|_| HeadError::Bad("Bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(value))
+            .map_err(|_| HeadError::Bad("Bad header value"))?;
+        headers.append(name, value);
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(Head {
+        request,
+        chunked,
+        length: framing.length.unwrap_or(0),
+        keep_alive,
+        expect_continue,
+    }))
+}
+
+/// What a head's `Content-Length` and `Transfer-Encoding` lines say.
+#[derive(Default)]
+struct FramingFacts {
+    length: Option<u64>,
+    /// Transfer codings in order; `chunked_last` whether the last is chunked.
+    codings: usize,
+    chunked_last: bool,
+}
+
+impl FramingFacts {
+    fn length(&mut self, value: &[u8]) -> Result<(), HeadError> {
+        for item in value.split(|b| *b == b',') {
+            let digits = item.trim_ascii();
+            // `u64::from_str` would take a sign; 19 digits cannot overflow.
+            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(HeadError::Bad("Bad content-length"));
+            }
+            let n = digits
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            if self.length.is_some_and(|m| m != n) {
+                return Err(HeadError::Bad("Conflicting content-length values"));
+            }
+            self.length = Some(n);
+        }
+        Ok(())
+    }
+
+    fn codings(&mut self, value: &[u8]) {
+        for coding in tokens(value) {
+            self.codings += 1;
+            self.chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+        }
+    }
+
+    /// Whether the body is chunked; the framing errors of RFC 9112 §6.
+    fn chunked(&self, version: Version) -> Result<bool, HeadError> {
+        if self.codings == 0 {
+            return Ok(false);
+        }
+        if version == Version::HTTP_10 {
+            return Err(HeadError::Bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if self.length.is_some() {
+            return Err(HeadError::Bad("Both Transfer-Encoding and Content-Length"));
+        }
+        if !self.chunked_last {
+            return Err(HeadError::Bad("chunked is not the final transfer coding"));
+        }
+        if self.codings > 1 {
+            return Err(HeadError::Unsupported);
+        }
+        Ok(true)
+    }
+}
+
+/// The non-empty comma-separated items of a header value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// How a connection ended: `Err` for an I/O error worth a debug line.
+pub(super) type Served = io::Result<()>;
+
+/// Serves HTTP/1.1 requests on `io` until the client closes, a request says
+/// `close`, a framing error, or shutdown. `buf` holds bytes already read.
+pub(super) async fn serve<T>(
+    proxy: &Arc<Proxy>,
+    io: &mut T,
+    mut buf: BytesMut,
+    info: ConnInfo,
+    activity: &Arc<Activity>,
+) -> Served
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let head = loop {
+            let parsed = if buf.is_empty() {
+                Ok(None)
+            } else {
+                parse_head(&mut buf)
+            };
+            match parsed {
+                Ok(Some(head)) => break head,
+                Ok(None) => {}
+                Err(e) => {
+                    let answer = (e.answer(), None);
+                    write_answer(io, &mut out, answer, Version::HTTP_11, false, false).await?;
+                    return Ok(());
+                }
+            }
+            buf.reserve(READ_CHUNK);
+            if io.read_buf(&mut buf).await? == 0 {
+                return Ok(());
+            }
+        };
+        let in_flight = activity.begin();
+        let head_only = head.request.method() == Method::HEAD;
+        let version = head.request.version();
+        // Nearly every request's body came with its head: it is handed over
+        // as it lies in the buffer. The rest (a body still arriving, or
+        // chunked, which API clients rarely send) is read beside the handler.
+        let mut arriving = None;
+        let body = if head.chunked || head.length > buf.len() as u64 {
+            if head.expect_continue && buf.is_empty() {
+                io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                io.flush().await?;
+            }
+            let (tx, rx) = mpsc::channel(BODY_AHEAD);
+            arriving = Some(Arriving {
+                framing: Framing::request(head.chunked, head.length),
+                tx,
+            });
+            RequestBody::Arriving(rx)
+        } else if head.length == 0 {
+            RequestBody::Whole(None)
+        } else {
+            RequestBody::Whole(Some(buf.split_to(head.length as usize).freeze()))
+        };
+        let mut body_read = arriving.is_none();
+        let handling = Proxy::handle(proxy, head.request.map(|()| body), info, in_flight);
+        tokio::pin!(handling);
+        let answer = loop {
+            tokio::select! {
+                biased;
+                (answer, tags) = &mut handling => break (answer, Some(tags)),
+                fed = feed(io, &mut buf, &mut arriving) => match fed {
+                    Fed::Piece | Fed::Broken => {}
+                    Fed::End => body_read = true,
+                    Fed::ClientGone => return Ok(()),
+                },
+            }
+        };
+        let keep_alive = head.keep_alive && body_read && !activity.closing();
+        let kept = write_answer(io, &mut out, answer, version, head_only, keep_alive).await?;
+        if !kept || activity.closing() {
+            return Ok(());
+        }
+    }
+}
+
+/// A body that had not all arrived with its head, fed to the handler.
+struct Arriving {
+    framing: Framing,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+}
+
+/// What one round of reading beside the handler did.
+enum Fed {
+    /// A piece of the body went to the handler (or more bytes were read).
+    Piece,
+    /// The body has ended.
+    End,
+    /// The body's framing broke; the handler has been told.
+    Broken,
+    /// The client closed its side, or the connection broke.
+    ClientGone,
+}
+
+/// Reads the rest of the body for the handler, then watches for the client
+/// leaving (keeping what it sends next, a pipelined request, in `buf`).
+/// Cancel-safe where the handler finishing drops it: a piece lost then was
+/// for a handler that no longer reads.
+async fn feed<T: AsyncRead + Unpin>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    arriving: &mut Option<Arriving>,
+) -> Fed {
+    let Some(body) = arriving else {
+        if buf.len() >= MAX_HEAD {
+            // Enough of the next request is here; the handler decides.
+            std::future::pending::<()>().await;
+        }
+        buf.reserve(READ_CHUNK);
+        return match io.read_buf(buf).await {
+            Ok(0) | Err(_) => Fed::ClientGone,
+            Ok(_) => Fed::Piece,
+        };
+    };
+    match body.framing.step(buf) {
+        Ok(Step::Data(piece)) => {
+            // The handler stopped reading (it answered): the rest is not
+            // needed, and the connection closes after the answer.
+            if body.tx.send(Ok(piece)).await.is_err() {
+                *arriving = None;
+                return Fed::Broken;
+            }
+            Fed::Piece
+        }
+        Ok(Step::End) => {
+            *arriving = None;
+            Fed::End
+        }
+        Ok(Step::More) => {
+            buf.reserve(READ_CHUNK);
+            match io.read_buf(buf).await {
+                Ok(0) | Err(_) => Fed::ClientGone,
+                Ok(_) => Fed::Piece,
+            }
+        }
+        Err(e) => {
+            let e = io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+            let _ = body.tx.send(Err(e)).await;
+            *arriving = None;
+            Fed::Broken
+        }
+    }
+}
+
+/// Writes an answer; `Ok(false)` when the connection must close after it.
+async fn write_answer<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    out: &mut Vec<u8>,
+    (answer, tags): (Response<Body>, Option<AnswerTags>),
+    version: Version,
+    head_only: bool,
+    keep_alive: bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = answer.into_parts();
+    let status = parts.status;
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let length = body.size_hint().exact();
+    // An answer of unknown length is chunked; to an HTTP/1.0 client it ends
+    // with the connection.
+    let unknown_length = !bodiless && !head_only && length.is_none();
+    let chunked = unknown_length && version == Version::HTTP_11;
+    let keep_alive = keep_alive && (chunked || !unknown_length);
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut line = |name: &HeaderName, value: &[u8]| {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in &parts.headers {
+        // Framing and the connection are this hop's to say.
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+            || (tags.is_some() && AnswerTags::replaces(name))
+        {
+            continue;
+        }
+        line(name, value.as_bytes());
+    }
+    if let Some(tags) = &tags {
+        tags.each(&mut line);
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&http_date());
+        out.extend_from_slice(b"\r\n");
+    }
+    match (bodiless, length) {
+        (true, _) => {}
+        (false, Some(n)) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        (false, None) if chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        (false, None) => {}
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if bodiless || head_only {
+        io.write_all(out).await?;
+        io.flush().await?;
+        return Ok(keep_alive);
+    }
+    // The body: pieces that are ready together go out in one write.
+    let mut sent = 0u64;
+    loop {
+        let next = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Pending if !out.is_empty() => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        })
+        .await;
+        match next {
+            None => {
+                io.write_all(out).await?;
+                io.flush().await?;
+                out.clear();
+            }
+            Some(None) => {
+                if chunked {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                if length.is_some_and(|n| n != sent) {
+                    return Err(io::Error::other("answer shorter than its length"));
+                }
+                io.write_all(out).await?;
+                io.flush().await?;
+                return Ok(keep_alive);
+            }
+            // The answer broke off (the upstream failed mid-stream): the
+            // client must see it cut, not ended.
+            Some(Some(Err(e))) => return Err(io::Error::other(e)),
+            Some(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                if length.is_some_and(|n| sent > n) {
+                    return Err(io::Error::other("answer longer than its length"));
+                }
+                if chunked {
+                    push_hex(out, data.len());
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(&data);
+                if chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+                if out.len() >= WRITE_BATCH {
+                    io.write_all(out).await?;
+                    out.clear();
+                }
+            }
+        }
+    }
+}
+
+/// `n` in lower-case hex, as a chunk-size line has it.
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for shift in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(n >> (shift * 4)) & 0xf]);
+    }
+}
+
+/// Now as an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`), formatted once a
+/// second per thread.
+fn http_date() -> [u8; 29] {
+    thread_local! {
+        static CACHE: std::cell::Cell<(i64, [u8; 29])> =
+            const { std::cell::Cell::new((i64::MIN, [0; 29])) };
+    }
+    let now = crate::clock::coarse_timestamp();
+    CACHE.with(|cache| {
+        let (at, text) = cache.get();
+        if at == now.as_second() {
+            return text;
+        }
+        let mut text = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+        let mut formatted = String::with_capacity(29);
+        if jiff::fmt::rfc2822::DateTimePrinter::new()
+            .print_timestamp_rfc9110(&now, &mut formatted)
+            .is_ok()
+            && formatted.len() == 29
+        {
+            text.copy_from_slice(formatted.as_bytes());
+        }
+        cache.set((now.as_second(), text));
+        text
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<Head>, HeadError> {
+        parse_head(&mut BytesMut::from(text))
+    }
+
+    fn framing_error(text: &str) -> HeadError {
+        match head(text) {
+            Err(e) => e,
+            Ok(_) => panic!("accepted: {text:?}"),
+        }
+    }
+
+    #[test]
+    fn a_head_is_read_with_its_framing_and_connection() {
+        let mut buf = BytesMut::from(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\
+             Authorization: Bearer k\r\n\r\nhello",
+        );
+        let h = parse_head(&mut buf).unwrap().unwrap();
+        assert_eq!(h.request.method(), Method::POST);
+        assert_eq!(h.request.uri().path(), "/v1/chat/completions");
+        assert_eq!(h.request.headers()["authorization"], "Bearer k");
+        assert_eq!((h.chunked, h.length, h.keep_alive), (false, 5, true));
+        assert_eq!(&buf[..], b"hello", "the body stays in the buffer");
+
+        let h = head("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!h.keep_alive, "HTTP/1.0 closes unless asked");
+        let h = head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.keep_alive);
+        let h = head("GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let h =
+            head("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert!(h.chunked && h.expect_continue);
+        let h = head("POST / HTTP/1.1\r\nContent-Length: 7, 7\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.length, 7, "repeated equal lengths are one length");
+    }
+
+    #[test]
+    fn a_partial_head_waits_and_a_huge_one_is_refused() {
+        assert!(head("POST / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+        let long = format!("GET / HTTP/1.1\r\nx: {}\r\n", "a".repeat(MAX_HEAD));
+        assert_eq!(framing_error(&long), HeadError::TooLarge);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        assert_eq!(
+            framing_error(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
+            HeadError::TooLarge
+        );
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        for (text, want) in [
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "Both Transfer-Encoding and Content-Length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                "Both Transfer-Encoding and Content-Length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                "Conflicting content-length values",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
+                "Conflicting content-length values",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+                "Bad content-length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 0x5\r\n\r\n",
+                "Bad content-length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length:\r\n\r\n",
+                "Bad content-length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                "Bad content-length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                "chunked is not the final transfer coding",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
+                "chunked is not the final transfer coding",
+            ),
+            (
+                "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length : 5\r\n\r\n",
+                "The request is not HTTP/1.x",
+            ),
+            (
+                "POST / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+                "The request is not HTTP/1.x",
+            ),
+            (
+                "POST / HTTP/1.1\r\nX: a\rb\r\n\r\n",
+                "The request is not HTTP/1.x",
+            ),
+        ] {
+            assert_eq!(framing_error(text), HeadError::Bad(want), "{text:?}");
+        }
+        assert_eq!(
+            framing_error("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            HeadError::Unsupported
+        );
+        // Split over two lines, the codings are one list.
+        assert_eq!(
+            framing_error(
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n"
+            ),
+            HeadError::Bad("chunked is not the final transfer coding")
+        );
+    }
+
+    #[test]
+    fn chunked_request_bodies_are_framed_strictly() {
+        let mut framing = Framing::request(true, 0);
+        let mut buf = BytesMut::from("5;x=y\r\nhello\r\n6 ;z\r\n world\r\n0\r\nT: 1\r\n\r\nNEXT");
+        let mut body = Vec::new();
+        loop {
+            match framing.step(&mut buf).unwrap() {
+                Step::Data(d) => body.extend_from_slice(&d),
+                Step::End => break,
+                Step::More => panic!("all of it is here"),
+            }
+        }
+        assert_eq!(body, b"hello world");
+        assert_eq!(&buf[..], b"NEXT", "the next request stays");
+
+        for bad in [
+            "5\nhello\r\n0\r\n\r\n",
+            "5\r\nhello\n0\r\n\r\n",
+            "5;a\x01\r\nhello\r\n0\r\n\r\n",
+            "5;a\rb\r\nhello\r\n0\r\n\r\n",
+            " 5\r\nhello\r\n0\r\n\r\n",
+            "5\r\nhelloXX0\r\n\r\n",
+            "0\r\nT: 1\n\r\n",
+        ] {
+            let mut framing = Framing::request(true, 0);
+            let mut buf = BytesMut::from(bad);
+            let failed = std::iter::from_fn(|| Some(framing.step(&mut buf)))
+                .take(8)
+                .find_map(|step| match step {
+                    Err(_) => Some(true),
+                    Ok(Step::End | Step::More) => Some(false),
+                    Ok(Step::Data(_)) => None,
+                });
+            assert_eq!(failed, Some(true), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_written_in_hex() {
+        for n in [
+            0usize,
+            1,
+            9,
+            10,
+            15,
+            16,
+            255,
+            256,
+            4096,
+            0xdead_beef,
+            usize::MAX,
+        ] {
+            let mut out = Vec::new();
+            push_hex(&mut out, n);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{n:x}"));
+        }
+    }
+
+    #[test]
+    fn the_date_is_an_http_date() {
+        let date = http_date();
+        let text = std::str::from_utf8(&date).unwrap();
+        assert!(
+            text.ends_with(" GMT") && text.as_bytes()[3] == b',',
+            "{text}"
+        );
+        let parsed = jiff::fmt::rfc2822::DateTimeParser::new()
+            .parse_timestamp(text)
+            .unwrap();
+        let now = crate::clock::coarse_timestamp();
+        assert!((now.as_second() - parsed.as_second()).abs() <= 1, "{text}");
+    }
+}
