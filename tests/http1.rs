@@ -398,3 +398,31 @@ fn a_client_leaving_mid_request_cancels_it() {
         || in_flight() == 0.0,
     );
 }
+
+#[test]
+fn a_refused_upload_gets_its_answer_and_a_clean_close_not_a_reset() {
+    let up = FakeOpenAi::start();
+    let (_kedge, addr) = start(&up);
+    let mut c = Raw::connect(addr);
+    // Declared over `max_body_bytes` (4 MiB): refused before it is read,
+    // while the client is still sending.
+    c.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: k\r\ncontent-length: 8388608\r\n\r\n");
+    let mut upload = c.w.try_clone().unwrap();
+    let uploader = std::thread::spawn(move || {
+        let piece = vec![b'x'; 64 << 10];
+        for _ in 0..16 {
+            if upload.write_all(&piece).is_err() {
+                return false;
+            }
+        }
+        true
+    });
+    let a = c.answer(false);
+    assert_eq!((a.status, a.header("connection")), (413, Some("close")));
+    // kedge read on and dropped the upload, then closed: the client sees
+    // the end of the stream. Closing over unread bytes would have reset
+    // the connection instead.
+    let mut rest = [0u8; 16];
+    assert_eq!(c.r.read(&mut rest).expect("an orderly close, not a reset"), 0);
+    assert!(uploader.join().unwrap(), "kedge kept reading the upload");
+}

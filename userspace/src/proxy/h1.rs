@@ -442,9 +442,9 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
         })
         .collect();
     let bytes = buf.split_to(len).freeze();
-    // Room for the four kedge adds to every answer (x-request-id and the
-    // x-kedge-class, -tenant and -route tags): the map is not grown twice.
-    let mut headers = HeaderMap::with_capacity(kept.len() + 4);
+    // The tags kedge adds to every answer are written beside these over
+    // HTTP/1 (`AnswerTags`); only HTTP/2 inserts them, and grows the map.
+    let mut headers = HeaderMap::with_capacity(kept.len());
     for &(name_start, name_end, value_start, value_end) in &kept {
         let name = HeaderName::from_bytes(&bytes[name_start..name_end])
             .map_err(|_| Error::Protocol("bad header name"))?;

@@ -24,7 +24,8 @@
 //! - A head over 64 KiB or over 100 header lines: 431.
 //! - A body the handler did not read to its end (a 401 before the upload,
 //!   a 413): the connection closes after the answer rather than guess where
-//!   the next request starts.
+//!   the next request starts, reading on for a moment so that the answer is
+//!   not lost to a reset (a lingering close).
 //! - `Expect: 100-continue`: the 100 goes out when the body is not already
 //!   here.
 //!
@@ -41,6 +42,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -72,6 +74,8 @@ const READ_CHUNK: usize = 8 << 10;
 const WRITE_BATCH: usize = 64 << 10;
 /// Pieces of a still-arriving body read ahead of the handler.
 const BODY_AHEAD: usize = 4;
+/// Longest a closing connection reads on for its client (see [`linger`]).
+const LINGER: Duration = Duration::from_secs(2);
 
 /// A request's body as the handler reads it.
 pub enum RequestBody {
@@ -233,10 +237,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let bytes = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(bytes.slice(path))
         .map_err(|_| HeadError::Bad("Bad request target"))?;
-    // Room for the forwarding headers kedge adds upstream is not needed: the
-    // upstream's head is written from its own list.
     let mut headers = HeaderMap::with_capacity(spans.len());
-    for (name, value) in spans {
+    // By reference: moving the inline array out would copy all of it.
+    for (name, value) in spans.iter().cloned() {
         let name =
             HeaderName::from_bytes(&bytes[name]).map_err(|_| HeadError::Bad("Bad header name"))?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(value))
@@ -350,6 +353,7 @@ where
                 Err(e) => {
                     let answer = (e.answer(), None);
                     write_answer(io, &mut out, answer, Version::HTTP_11, false, false).await?;
+                    linger(io).await;
                     return Ok(());
                 }
             }
@@ -397,10 +401,29 @@ where
         };
         let keep_alive = head.keep_alive && body_read && !activity.closing();
         let kept = write_answer(io, &mut out, answer, version, head_only, keep_alive).await?;
+        if !body_read {
+            linger(io).await;
+            return Ok(());
+        }
         if !kept || activity.closing() {
             return Ok(());
         }
     }
+}
+
+/// Closes the sending side, then reads and drops what the client still
+/// sends, for up to [`LINGER`]: an answer sent before its request was read
+/// to its end (a 413 during the upload, a framing error) must reach the
+/// client, and closing a socket with unread bytes makes the kernel reset
+/// the connection, which can destroy the answer in flight (nginx's
+/// lingering close).
+async fn linger<T: AsyncRead + AsyncWrite + Unpin>(io: &mut T) {
+    if io.shutdown().await.is_err() {
+        return;
+    }
+    let until = tokio::time::Instant::now() + LINGER;
+    let mut sink = [0u8; 4096];
+    while let Ok(Ok(1..)) = tokio::time::timeout_at(until, io.read(&mut sink)).await {}
 }
 
 /// A body that had not all arrived with its head, fed to the handler.
@@ -682,6 +705,22 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(h.length, 7, "repeated equal lengths are one length");
+    }
+
+    #[test]
+    fn a_head_cut_anywhere_waits_for_the_rest() {
+        let text = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\
+                    Content-Length: 2\r\nX-A: b\r\n\r\n{}";
+        let head_len = text.len() - 2;
+        for cut in 0..head_len {
+            let mut buf = BytesMut::from(&text[..cut]);
+            assert!(parse_head(&mut buf).unwrap().is_none(), "cut at {cut}");
+            assert_eq!(buf.len(), cut, "nothing taken before the head is whole");
+        }
+        let mut buf = BytesMut::from(text);
+        let h = parse_head(&mut buf).unwrap().unwrap();
+        assert_eq!((h.length, &buf[..]), (2, &b"{}"[..]));
+        assert_eq!(h.request.headers()["x-a"], "b");
     }
 
     #[test]
