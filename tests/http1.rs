@@ -303,6 +303,16 @@ fn expect_100_continue_gets_its_interim_answer_before_the_body_is_sent() {
     assert_eq!(c.line(), "\r\n");
     c.send(body.as_bytes());
     assert_eq!(c.answer(false).status, 200);
+
+    // Refused by its declared length before the handler reads: no 100, so
+    // the client never uploads.
+    let mut c = Raw::connect(addr);
+    c.send(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: k\r\nexpect: 100-continue\r\n\
+          content-length: 8388608\r\n\r\n",
+    );
+    let a = c.answer(false);
+    assert_eq!(a.status, 413, "{}", a.head);
 }
 
 #[test]
@@ -423,6 +433,9 @@ fn a_refused_upload_gets_its_answer_and_a_clean_close_not_a_reset() {
     // the end of the stream. Closing over unread bytes would have reset
     // the connection instead.
     let mut rest = [0u8; 16];
-    assert_eq!(c.r.read(&mut rest).expect("an orderly close, not a reset"), 0);
+    assert_eq!(
+        c.r.read(&mut rest).expect("an orderly close, not a reset"),
+        0
+    );
     assert!(uploader.join().unwrap(), "kedge kept reading the upload");
 }

@@ -292,3 +292,23 @@ async fn a_stalled_upstream_stream_is_ended() {
         "{e:?}"
     );
 }
+
+#[test]
+fn a_burst_of_pipelined_requests_then_silence_still_meets_the_timeouts() {
+    let up = FakeOpenAi::start();
+    let (_kedge, addr) = start(&up);
+    let mut s = TcpStream::connect(addr).unwrap();
+    // Hundreds of answers written in one go use up tokio's per-task budget;
+    // the watchdog must still be armed afterwards.
+    let burst = "GET /nothing HTTP/1.1\r\nhost: kedge\r\n\r\n".repeat(300);
+    s.write_all(burst.as_bytes()).unwrap();
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(6)),
+        "the connection outlived its idle timeout (1500 ms) after the burst"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed before its timeouts"
+    );
+}

@@ -50,6 +50,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_HEAD: usize = 64 << 10;
 /// Most header lines of a response head.
 const MAX_HEADERS: usize = 128;
+/// Longest chunk-size or trailer line (extensions included), as hyper's
+/// bound on chunk extensions: a line dribbled in is searched again after
+/// every read, so its length bounds that work.
+const MAX_CHUNK_LINE: usize = 4 << 10;
 /// Room made in the read buffer before each read.
 const READ_CHUNK: usize = 16 << 10;
 /// A body up to this size goes out in the same write as the head.
@@ -690,7 +694,7 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, Error> {
             line.truncate(end - 1);
             Ok(Some(line))
         }
-        None if buf.len() > MAX_HEAD => Err(Error::Protocol("chunk line too long")),
+        None if buf.len() > MAX_CHUNK_LINE => Err(Error::Protocol("chunk line too long")),
         None => Ok(None),
     }
 }

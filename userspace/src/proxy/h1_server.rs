@@ -45,7 +45,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
@@ -54,7 +54,7 @@ use hyper::{
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
 };
 
 use super::{
@@ -74,6 +74,9 @@ const READ_CHUNK: usize = 8 << 10;
 const WRITE_BATCH: usize = 64 << 10;
 /// Pieces of a still-arriving body read ahead of the handler.
 const BODY_AHEAD: usize = 4;
+/// The empty line that ends a head; the searcher built once.
+static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
 /// Longest a closing connection reads on for its client (see [`linger`]).
 const LINGER: Duration = Duration::from_secs(2);
 
@@ -82,7 +85,12 @@ pub enum RequestBody {
     /// All of it, read with the head (`None`: empty).
     Whole(Option<Bytes>),
     /// Still arriving: the connection's task reads and decodes it.
-    Arriving(mpsc::Receiver<io::Result<Bytes>>),
+    Arriving {
+        pieces: mpsc::Receiver<io::Result<Bytes>>,
+        /// Told when the handler first reads: the client waits for a 100
+        /// (`Expect: 100-continue`) before it sends the body.
+        wanted: Option<oneshot::Sender<()>>,
+    },
     /// An HTTP/2 stream's body.
     Http2(Incoming),
 }
@@ -97,9 +105,14 @@ impl HttpBody for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            RequestBody::Arriving(rx) => rx
-                .poll_recv(cx)
-                .map(|piece| piece.map(|r| r.map(Frame::data).map_err(Into::into))),
+            RequestBody::Arriving { pieces, wanted } => {
+                if let Some(wanted) = wanted.take() {
+                    let _ = wanted.send(());
+                }
+                pieces
+                    .poll_recv(cx)
+                    .map(|piece| piece.map(|r| r.map(Frame::data).map_err(Into::into)))
+            }
             RequestBody::Http2(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(Into::into))),
@@ -109,7 +122,7 @@ impl HttpBody for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Whole(bytes) => bytes.is_none(),
-            RequestBody::Arriving(_) => false,
+            RequestBody::Arriving { .. } => false,
             RequestBody::Http2(body) => body.is_end_stream(),
         }
     }
@@ -119,7 +132,7 @@ impl HttpBody for RequestBody {
             RequestBody::Whole(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len()) as u64)
             }
-            RequestBody::Arriving(_) => SizeHint::default(),
+            RequestBody::Arriving { .. } => SizeHint::default(),
             RequestBody::Http2(body) => body.size_hint(),
         }
     }
@@ -188,6 +201,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     if len > MAX_HEAD {
         return Err(HeadError::TooLarge);
     }
+    // httparse takes a bare LF as a line's end, which a proxy in front of
+    // kedge may not: every line must end in CRLF.
+    if memchr::memchr_iter(b'\n', &buf[..len]).any(|at| at == 0 || buf[at - 1] != b'\r') {
+        return Err(HeadError::Bad(
+            "A line of the request head does not end in CRLF",
+        ));
+    }
     let version = if req.version == Some(1) {
         Version::HTTP_11
     } else {
@@ -201,8 +221,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let path = path_at..path_at + path.len();
 
     let mut framing = FramingFacts::default();
-    let mut keep_alive = version == Version::HTTP_11;
+    let (mut close, mut keep_alive_asked) = (false, false);
     let mut expect_continue = false;
+    let mut hosts = 0;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -211,12 +232,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
             framing.codings(h.value);
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in tokens(h.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    keep_alive = true;
-                }
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive_asked |= token.eq_ignore_ascii_case(b"keep-alive");
             }
+        } else if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
         } else if name.eq_ignore_ascii_case(b"expect") {
             // An HTTP/1.0 client does not know interim answers.
             expect_continue = version == Version::HTTP_11
@@ -224,6 +244,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         }
     }
     let chunked = framing.chunked(version)?;
+    // RFC 9112 §3.2: exactly one Host in HTTP/1.1 (a proxy in front of kedge
+    // and kedge must not read two different ones).
+    if hosts > 1 || (hosts == 0 && version == Version::HTTP_11) {
+        return Err(HeadError::Bad(
+            "An HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_asked);
     // Where each line lies in the head, to slice the frozen bytes (no copy).
     let spans: smallvec::SmallVec<[_; 24]> = req
         .headers
@@ -267,6 +295,8 @@ struct FramingFacts {
     /// Transfer codings in order; `chunked_last` whether the last is chunked.
     codings: usize,
     chunked_last: bool,
+    /// A `Transfer-Encoding` line was there, even an empty one.
+    transfer_encoding: bool,
 }
 
 impl FramingFacts {
@@ -289,6 +319,7 @@ impl FramingFacts {
     }
 
     fn codings(&mut self, value: &[u8]) {
+        self.transfer_encoding = true;
         for coding in tokens(value) {
             self.codings += 1;
             self.chunked_last = coding.eq_ignore_ascii_case(b"chunked");
@@ -297,7 +328,7 @@ impl FramingFacts {
 
     /// Whether the body is chunked; the framing errors of RFC 9112 §6.
     fn chunked(&self, version: Version) -> Result<bool, HeadError> {
-        if self.codings == 0 {
+        if !self.transfer_encoding {
             return Ok(false);
         }
         if version == Version::HTTP_10 {
@@ -341,11 +372,21 @@ where
 {
     let mut out = Vec::with_capacity(4096);
     loop {
+        // How much of `buf` is known not to hold the head's end.
+        let mut scanned = 0usize;
         let head = loop {
-            let parsed = if buf.is_empty() {
-                Ok(None)
-            } else {
-                parse_head(&mut buf)
+            // Empty lines before a request are ignored (RFC 9112 §2.2).
+            while buf.starts_with(b"\r\n") {
+                buf.advance(2);
+                scanned = scanned.saturating_sub(2);
+            }
+            // Parsed once its end is here: a head dribbled a byte at a time
+            // is scanned once, not parsed again after every read.
+            let end = HEAD_END.find(&buf[scanned.saturating_sub(3)..]);
+            let parsed = match end {
+                Some(_) => parse_head(&mut buf),
+                None if buf.len() > MAX_HEAD => Err(HeadError::TooLarge),
+                None => Ok(None),
             };
             match parsed {
                 Ok(Some(head)) => break head,
@@ -357,6 +398,7 @@ where
                     return Ok(());
                 }
             }
+            scanned = buf.len();
             buf.reserve(READ_CHUNK);
             if io.read_buf(&mut buf).await? == 0 {
                 return Ok(());
@@ -370,16 +412,21 @@ where
         // chunked, which API clients rarely send) is read beside the handler.
         let mut arriving = None;
         let body = if head.chunked || head.length > buf.len() as u64 {
-            if head.expect_continue && buf.is_empty() {
-                io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
-                io.flush().await?;
-            }
-            let (tx, rx) = mpsc::channel(BODY_AHEAD);
+            // The 100 waits for the handler's first read: a client refused
+            // before that (401, 413 by its declared length) never uploads.
+            let (wanted, continue_after) = if head.expect_continue && buf.is_empty() {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            let (tx, pieces) = mpsc::channel(BODY_AHEAD);
             arriving = Some(Arriving {
                 framing: Framing::request(head.chunked, head.length),
                 tx,
+                continue_after,
             });
-            RequestBody::Arriving(rx)
+            RequestBody::Arriving { pieces, wanted }
         } else if head.length == 0 {
             RequestBody::Whole(None)
         } else {
@@ -401,12 +448,18 @@ where
         };
         let keep_alive = head.keep_alive && body_read && !activity.closing();
         let kept = write_answer(io, &mut out, answer, version, head_only, keep_alive).await?;
-        if !body_read {
+        if !body_read || ((!kept || activity.closing()) && !buf.is_empty()) {
             linger(io).await;
             return Ok(());
         }
         if !kept || activity.closing() {
+            // An orderly end (TLS: close_notify), bounded.
+            let _ = tokio::time::timeout(LINGER, io.shutdown()).await;
             return Ok(());
+        }
+        if !buf.is_empty() {
+            // A pipelined head is already arriving: its time runs from now.
+            activity.on_read();
         }
     }
 }
@@ -430,6 +483,8 @@ async fn linger<T: AsyncRead + AsyncWrite + Unpin>(io: &mut T) {
 struct Arriving {
     framing: Framing,
     tx: mpsc::Sender<io::Result<Bytes>>,
+    /// Fires at the handler's first read; then the 100 goes out.
+    continue_after: Option<oneshot::Receiver<()>>,
 }
 
 /// What one round of reading beside the handler did.
@@ -448,7 +503,7 @@ enum Fed {
 /// leaving (keeping what it sends next, a pipelined request, in `buf`).
 /// Cancel-safe where the handler finishing drops it: a piece lost then was
 /// for a handler that no longer reads.
-async fn feed<T: AsyncRead + Unpin>(
+async fn feed<T: AsyncRead + AsyncWrite + Unpin>(
     io: &mut T,
     buf: &mut BytesMut,
     arriving: &mut Option<Arriving>,
@@ -464,6 +519,19 @@ async fn feed<T: AsyncRead + Unpin>(
             Ok(_) => Fed::Piece,
         };
     };
+    if let Some(wanted) = &mut body.continue_after {
+        if wanted.await.is_err() {
+            // The handler answered without reading: the client never sends.
+            *arriving = None;
+            return Fed::Broken;
+        }
+        body.continue_after = None;
+        let sent = io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+        return match sent.and(io.flush().await) {
+            Ok(()) => Fed::Piece,
+            Err(_) => Fed::ClientGone,
+        };
+    }
     match body.framing.step(buf) {
         Ok(Step::Data(piece)) => {
             // The handler stopped reading (it answered): the rest is not
@@ -615,7 +683,10 @@ async fn write_answer<T: AsyncWrite + Unpin>(
                     out.extend_from_slice(b"\r\n");
                 }
                 if out.len() >= WRITE_BATCH {
+                    // Flushed too: under TLS, bytes written may wait in the
+                    // session until a flush, and the next piece may be late.
                     io.write_all(out).await?;
+                    io.flush().await?;
                     out.clear();
                 }
             }
@@ -692,19 +763,55 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(h.keep_alive);
-        let h = head("GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n")
+        let h = head("GET / HTTP/1.1\r\nHost: x\r\nConnection: foo, close\r\n\r\n")
             .unwrap()
             .unwrap();
         assert!(!h.keep_alive);
         let h =
-            head("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+            head("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
                 .unwrap()
                 .unwrap();
         assert!(h.chunked && h.expect_continue);
-        let h = head("POST / HTTP/1.1\r\nContent-Length: 7, 7\r\n\r\n")
+        let h = head("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 7, 7\r\n\r\n")
             .unwrap()
             .unwrap();
         assert_eq!(h.length, 7, "repeated equal lengths are one length");
+        let h = head("GET / HTTP/1.0\r\nConnection: close, keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive, "close wins");
+    }
+
+    #[test]
+    fn host_lines_and_line_ends_are_strict() {
+        for (text, want) in [
+            (
+                "GET / HTTP/1.1\r\n\r\n",
+                "An HTTP/1.1 request needs exactly one Host header",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                "An HTTP/1.1 request needs exactly one Host header",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nX: a\nContent-Length: 5\r\n\r\n",
+                "A line of the request head does not end in CRLF",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\nContent-Length: 5\r\n\r\n",
+                "Both Transfer-Encoding and Content-Length",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,\r\n\r\n",
+                "chunked is not the final transfer coding",
+            ),
+        ] {
+            assert_eq!(framing_error(text), HeadError::Bad(want), "{text:?}");
+        }
+        assert!(
+            head("GET / HTTP/1.0\r\n\r\n").unwrap().is_some(),
+            "1.0 needs none"
+        );
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl Activity {
 
     /// Bytes arrived: between requests of an HTTP/1 connection they are the
     /// start of the next head, and its deadline starts running.
-    fn on_read(&self) {
+    pub fn on_read(&self) {
         let now = clock::coarse_ms();
         self.last_ms.store(now, Ordering::Relaxed);
         if self.in_flight.load(Ordering::Relaxed) == 0
@@ -442,10 +442,13 @@ impl Conn {
             // The watchdog's timer and the shutdown signal keep this task's
             // waker from their first poll; after that they are looked at (a
             // load each) when the connection wakes, not polled every time.
+            // Unconstrained: a poll refused by tokio's per-task budget (a
+            // connection that has just done a lot of I/O) would register
+            // nothing, and with no second poll the watchdog would be off.
             if !armed {
                 armed = true;
-                let _ = stop.as_mut().poll(cx);
-                let _ = sleep.as_mut().poll(cx);
+                let _ = Pin::new(&mut tokio::task::unconstrained(stop.as_mut())).poll(cx);
+                let _ = Pin::new(&mut tokio::task::unconstrained(sleep.as_mut())).poll(cx);
             }
             if !shutting_down && seen.has_changed().unwrap_or(true) {
                 shutting_down = true;
@@ -465,7 +468,7 @@ impl Conn {
                 }
                 let next = tokio::time::Instant::now() + activity.next_check(limits);
                 sleep.as_mut().reset(next);
-                let _ = sleep.as_mut().poll(cx);
+                let _ = Pin::new(&mut tokio::task::unconstrained(sleep.as_mut())).poll(cx);
             }
             Poll::Pending
         })
