@@ -202,9 +202,29 @@ impl Bench {
         Ok(())
     }
 
-    /// Mean nanoseconds per run of `program` on `frame`.
-    /// `syn`: the frame is a SYN the real program must admit on every run.
+    /// Mean nanoseconds per run of `program` on `frame`, measured again
+    /// when the kernel stopped the repeated run with EINTR (a signal pending
+    /// between iterations; the admissions are counted afresh each time).
     fn once(&mut self, program: &str, frame: &[u8], syn: bool) -> Result<f64> {
+        let interrupted = |e: &anyhow::Error| {
+            matches!(
+                e.downcast_ref::<aya::programs::ProgramError>(),
+                Some(aya::programs::ProgramError::SyscallError(s))
+                    if s.io_error.kind() == std::io::ErrorKind::Interrupted
+            )
+        };
+        let mut tries = 0;
+        loop {
+            match self.attempt(program, frame, syn) {
+                Err(e) if interrupted(&e) && tries < 5 => tries += 1,
+                result => return result,
+            }
+        }
+    }
+
+    /// One measurement for [`Bench::once`].
+    /// `syn`: the frame is a SYN the real program must admit on every run.
+    fn attempt(&mut self, program: &str, frame: &[u8], syn: bool) -> Result<f64> {
         self.refill_buckets()?;
         let admitted_before = self.admitted()?;
         let opts = TestRunOptions {
