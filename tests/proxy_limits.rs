@@ -2,7 +2,9 @@
 //! that dribbles its headers (first request or a later one), one that
 //! connects and says nothing, one that stalls its body; and a stalled
 //! upstream stream is ended. A keep-alive connection between requests, over
-//! HTTP/1.1 or HTTP/2, rests for the idle timeout, not the header timeout.
+//! HTTP/1.1 or HTTP/2, rests for the idle timeout, not the header timeout. A
+//! client that stops reading its answer is cut off after the send timeout,
+//! its request cancelled; one that pauses for less is not.
 
 mod support;
 
@@ -15,6 +17,7 @@ use std::{
 use support::{
     Kedge, free_port,
     openai::{FakeOpenAi, HttpClient, next_data},
+    wait_until,
 };
 
 fn start(up: &FakeOpenAi) -> (Kedge, SocketAddr) {
@@ -30,6 +33,7 @@ pin_root = "{{pin_root}}"
 header_read_timeout_ms = 500
 body_read_timeout_ms = 500
 idle_timeout_ms = 1500
+send_timeout_ms = 1000
 [[class]]
 name = "standard"
 priority = 2
@@ -39,6 +43,9 @@ url = "http://{up}"
 stream_idle_timeout_ms = 500
 [[route]]
 model = "hold"
+backend = "fake"
+[[route]]
+model = "flood"
 backend = "fake"
 [[route]]
 model = "gpt-test"
@@ -311,4 +318,74 @@ fn a_burst_of_pipelined_requests_then_silence_still_meets_the_timeouts() {
         started.elapsed() >= Duration::from_millis(400),
         "closed before its timeouts"
     );
+}
+
+/// Asks for a `flood` stream: far more than the socket buffers hold.
+fn ask_for_a_flood(s: &mut TcpStream) {
+    let body = r#"{"model":"flood","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: kedge\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_off_and_its_request_cancelled() {
+    let up = FakeOpenAi::start();
+    let (kedge, addr) = start(&up);
+    let in_flight = || kedge.metric("kedge_queue_in_flight", &[("backend", "fake")]);
+    let mut s = TcpStream::connect(addr).unwrap();
+    let started = Instant::now();
+    ask_for_a_flood(&mut s);
+    // Never read: once the buffers between the upstream and this socket are
+    // full, kedge's writes stop moving, and send_timeout_ms = 1000 ends it.
+    let end = up.wait_drip_end(Duration::from_secs(10));
+    let held = started.elapsed();
+    assert!(
+        end.reader_gone,
+        "the upstream stream must be cancelled: {end:?}"
+    );
+    assert!(
+        held >= Duration::from_millis(900),
+        "cut off before the send timeout: {held:?}"
+    );
+    wait_until(Duration::from_secs(5), "the backend slot is freed", || {
+        in_flight() == 0.0
+    });
+    assert!(closed_within(&mut s, Duration::from_secs(5)));
+}
+
+#[test]
+fn a_client_reading_with_pauses_shorter_than_the_send_timeout_is_not_cut_off() {
+    let up = FakeOpenAi::start();
+    let (_kedge, addr) = start(&up);
+    let mut s = TcpStream::connect(addr).unwrap();
+    ask_for_a_flood(&mut s);
+    s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    // Eight pauses of 300 ms (2.4 s in all, over twice the send timeout),
+    // each followed by 50 ms of reading as fast as the bytes come.
+    for round in 0..8 {
+        std::thread::sleep(Duration::from_millis(300));
+        let reading = Instant::now();
+        let mut got = 0;
+        while reading.elapsed() < Duration::from_millis(50) {
+            match s.read(&mut buf) {
+                Ok(0) => panic!("closed in round {round}"),
+                Ok(n) => got += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert!(got > 0, "nothing to read in round {round}");
+    }
+    assert!(
+        up.stream_ends().is_empty(),
+        "the stream was ended: {:?}",
+        up.stream_ends()
+    );
+    drop(s);
+    assert!(up.wait_drip_end(Duration::from_secs(5)).reader_gone);
 }

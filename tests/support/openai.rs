@@ -10,6 +10,9 @@
 //! - `hold`: streams "first", then waits for [`FakeOpenAi::release`], then "second"
 //! - `drip`: streams 20 chunks "tok " 25 ms apart (usage 9/20 when asked),
 //!   and notes whether the reader went away before the end
+//! - `flood`: streams 4 KiB chunks without pause, up to 256 MiB (far more
+//!   than every socket buffer between it and a client holds), and notes its
+//!   end as a drip's
 //! - `reset`: streams "one", "two", waits for [`FakeOpenAi::release`], then
 //!   resets the connection
 //! - `garbage`: a 200 whose JSON body is not JSON; `badhttp`: not HTTP at all
@@ -113,7 +116,12 @@ impl FakeOpenAi {
         *self.state.gate.0.lock().unwrap()
     }
 
-    /// Waits (bounded) for a `drip` stream to end on the upstream side.
+    /// How the `drip` and `flood` streams that ended so far ended.
+    pub fn stream_ends(&self) -> Vec<DripEnd> {
+        self.state.drips.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) for a `drip` or `flood` stream to end on the upstream side.
     pub fn wait_drip_end(&self, timeout: Duration) -> DripEnd {
         let deadline = Instant::now() + timeout;
         loop {
@@ -324,6 +332,19 @@ fn stream_answer(w: &mut TcpStream, model: &str, wants_usage: bool, state: &Stat
             if !gone {
                 gone = !send(w, "data: [DONE]\n\n") || !send(w, "");
             }
+            state.drips.lock().unwrap().push(DripEnd {
+                chunks_sent: sent,
+                reader_gone: gone,
+            });
+            return false;
+        }
+        "flood" => {
+            let piece = chunk(model, &"x".repeat(4096), usage);
+            let mut sent = 0;
+            while sent < (256 << 20) / 4096 && send(w, &piece) {
+                sent += 1;
+            }
+            let gone = sent < (256 << 20) / 4096 || !send(w, "data: [DONE]\n\n") || !send(w, "");
             state.drips.lock().unwrap().push(DripEnd {
                 chunks_sent: sent,
                 reader_gone: gone,

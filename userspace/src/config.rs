@@ -93,6 +93,10 @@ pub struct Limits {
     /// A connection with no request in flight and no bytes moving is closed after this.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// A connection whose writes make no progress this long (the client
+    /// stopped reading) is closed, its open request cancelled.
+    #[serde(default = "default_send_timeout_ms")]
+    pub send_timeout_ms: u64,
     /// Largest non-streaming upstream response kedge buffers to read its usage (502 above).
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: u64,
@@ -105,6 +109,7 @@ impl Default for Limits {
             header_read_timeout_ms: default_header_read_timeout_ms(),
             body_read_timeout_ms: default_body_read_timeout_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
+            send_timeout_ms: default_send_timeout_ms(),
             max_response_bytes: default_max_response_bytes(),
         }
     }
@@ -121,6 +126,9 @@ fn default_body_read_timeout_ms() -> u64 {
 }
 fn default_idle_timeout_ms() -> u64 {
     120_000
+}
+fn default_send_timeout_ms() -> u64 {
+    60_000
 }
 fn default_max_response_bytes() -> u64 {
     64 << 20

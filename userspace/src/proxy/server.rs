@@ -10,7 +10,11 @@
 //! keep-alive connection may rest between requests for the idle timeout, as
 //! configured, while a client that connects and sends nothing, or dribbles a
 //! head, is cut off by the header timeout (nginx's `client_header_timeout`
-//! and `keepalive_timeout`).
+//! and `keepalive_timeout`). A connection whose writes have made no progress
+//! for `send_timeout_ms` — a client that stopped reading its answer — is
+//! closed even with a request open, which cancels that request (nginx's
+//! `send_timeout`): otherwise it would hold its backend slot and its
+//! upstream stream for as long as it liked.
 //!
 //! Shutdown: the listener closes; an HTTP/1 connection closes at once between
 //! requests and after its answer otherwise, an HTTP/2 one gracefully
@@ -105,9 +109,14 @@ pub struct Activity {
     http2: AtomicBool,
     /// Shutting down: an HTTP/1 connection closes after the answer.
     closing: AtomicBool,
+    /// [`clock::coarse_ms`] when a write first found the socket full (the
+    /// client's window closed) with no byte written since; [`NOT_STALLED`]
+    /// otherwise.
+    stalled_since_ms: AtomicU64,
 }
 
 const NO_HEAD: u64 = u64::MAX;
+const NOT_STALLED: u64 = u64::MAX;
 
 /// The watchdog's shortest sleep: a few coarse-clock ticks.
 const MIN_CHECK: Duration = Duration::from_millis(10);
@@ -127,11 +136,40 @@ impl Activity {
             head_since_ms: AtomicU64::new(now),
             http2: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            stalled_since_ms: AtomicU64::new(NOT_STALLED),
         }
     }
 
     fn touch(&self) {
         self.last_ms.store(clock::coarse_ms(), Ordering::Relaxed);
+    }
+
+    /// A write's outcome: bytes written mean the client is reading; a
+    /// socket found full starts (or continues) a stall, timed from the first.
+    fn on_write(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(1..)) => {
+                self.touch();
+                // Loaded first: on the common path (never stalled) no store.
+                if self.stalled_since_ms.load(Ordering::Relaxed) != NOT_STALLED {
+                    self.stalled_since_ms.store(NOT_STALLED, Ordering::Relaxed);
+                }
+            }
+            Poll::Pending => {
+                if self.stalled_since_ms.load(Ordering::Relaxed) == NOT_STALLED {
+                    self.stalled_since_ms
+                        .store(clock::coarse_ms(), Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(_) => {}
+        }
+    }
+
+    /// How long writes have been waiting for the client to read, if they are.
+    fn stall_age(&self) -> Option<Duration> {
+        let since = self.stalled_since_ms.load(Ordering::Relaxed);
+        (since != NOT_STALLED)
+            .then(|| Duration::from_millis(clock::coarse_ms().saturating_sub(since)))
     }
 
     /// Bytes arrived: between requests of an HTTP/1 connection they are the
@@ -169,6 +207,10 @@ impl Activity {
 
     /// Why the connection must close now, if it must.
     fn expired(&self, limits: ConnLimits) -> Option<&'static str> {
+        // Even with a request open: it is the request that cannot proceed.
+        if self.stall_age().is_some_and(|age| age >= limits.send) {
+            return Some("the client stopped reading its answer");
+        }
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return None;
         }
@@ -182,6 +224,8 @@ impl Activity {
     /// change its answer. With no head being read a new one may begin at any
     /// moment, so an HTTP/1 connection is looked at at least once per header
     /// timeout: a head that began since is then timed from its first byte.
+    /// Likewise at least once per send timeout, for a stall that begins
+    /// (closed between one and two send timeouts after its start).
     /// Never less than [`MIN_CHECK`], so a zero timeout cannot spin.
     fn next_check(&self, limits: ConnLimits) -> Duration {
         // The longest wait while no head is being read.
@@ -198,7 +242,10 @@ impl Activity {
                 .map_or(heads, |age| limits.header_read.saturating_sub(age));
             head_left.min(limits.idle.saturating_sub(self.quiet()))
         };
-        wait.max(MIN_CHECK)
+        let stall_left = self
+            .stall_age()
+            .map_or(limits.send, |age| limits.send.saturating_sub(age));
+        wait.min(stall_left).max(MIN_CHECK)
     }
 
     /// Whether an HTTP/1 connection is to close after its current answer.
@@ -253,9 +300,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.activity.on_write(&r);
         r
     }
 
@@ -265,9 +310,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.activity.on_write(&r);
         r
     }
 
@@ -289,6 +332,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 struct ConnLimits {
     header_read: Duration,
     idle: Duration,
+    send: Duration,
 }
 
 impl ProxySlot {
@@ -307,6 +351,7 @@ impl ProxySlot {
         let limits = ConnLimits {
             header_read: Duration::from_millis(limits.header_read_timeout_ms),
             idle: Duration::from_millis(limits.idle_timeout_ms),
+            send: Duration::from_millis(limits.send_timeout_ms),
         };
         // No HTTP/2 keep-alive pings: answered pings would count as activity
         // and keep an idle connection open forever; the idle watchdog decides.
@@ -637,6 +682,7 @@ mod tests {
         let limits = ConnLimits {
             header_read: Duration::from_secs(10),
             idle: Duration::from_secs(120),
+            send: Duration::from_secs(60),
         };
         let a = Arc::new(Activity::accepted());
         // Just accepted: the first head is due within the header timeout.
@@ -666,11 +712,41 @@ mod tests {
         let zero = ConnLimits {
             header_read: Duration::ZERO,
             idle: Duration::ZERO,
+            send: Duration::ZERO,
         };
         let a = Arc::new(Activity::accepted());
         assert!(a.expired(zero).is_some());
         let _open = a.begin();
-        assert_eq!(a.expired(zero), None, "an open request is never cut");
+        assert_eq!(
+            a.expired(zero),
+            None,
+            "an open request is cut only by a stall"
+        );
         assert_eq!(a.next_check(zero), MIN_CHECK);
+    }
+
+    #[test]
+    fn a_stalled_write_cuts_even_an_open_request_and_a_written_byte_clears_it() {
+        let limits = ConnLimits {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(120),
+            send: Duration::ZERO,
+        };
+        let a = Arc::new(Activity::accepted());
+        let _open = a.begin();
+        assert_eq!(a.expired(limits), None);
+        a.on_write(&Poll::Ready(Ok(10)));
+        assert_eq!(a.expired(limits), None, "writes that progress are no stall");
+        a.on_write(&Poll::Pending);
+        assert_eq!(
+            a.expired(limits),
+            Some("the client stopped reading its answer")
+        );
+        a.on_write(&Poll::Ready(Ok(1)));
+        assert_eq!(a.expired(limits), None, "the client read again");
+        // A stall is looked at within one send timeout of its start.
+        let send = Duration::from_secs(3);
+        a.on_write(&Poll::Pending);
+        assert!(a.next_check(ConnLimits { send, ..limits }) <= send);
     }
 }
