@@ -389,3 +389,61 @@ fn a_client_reading_with_pauses_shorter_than_the_send_timeout_is_not_cut_off() {
     drop(s);
     assert!(up.wait_drip_end(Duration::from_secs(5)).reader_gone);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_the_client_stops_reading_is_cancelled_and_the_connection_lives_on() {
+    use http_body_util::{BodyExt, Full};
+    let up = FakeOpenAi::start();
+    let (kedge, addr) = start(&up);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // A small window for each stream: the client's connection task keeps
+    // reading the socket, but a stream whose body is not read gets no more
+    // window once 4 KiB are in, while the connection's window stays open.
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(4096)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake (prior knowledge)");
+    let conn = tokio::spawn(conn);
+    let post = |body: &'static str| {
+        hyper::Request::post(format!("http://{addr}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    let started = Instant::now();
+    let flood = send
+        .send_request(post(
+            r#"{"model":"flood","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(flood.status(), 200);
+    // Not read: send_timeout_ms = 1000 cancels the stream's request.
+    let end = tokio::task::spawn_blocking(move || up.wait_drip_end(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let held = started.elapsed();
+    assert!(
+        end.reader_gone,
+        "the upstream stream must be cancelled: {end:?}"
+    );
+    assert!(
+        held >= Duration::from_millis(900),
+        "cancelled before the send timeout: {held:?}"
+    );
+    wait_until(Duration::from_secs(5), "the backend slot is freed", || {
+        kedge.metric("kedge_queue_in_flight", &[("backend", "fake")]) == 0.0
+    });
+    // The client is told the stream broke off, not that it ended.
+    assert!(
+        flood.into_body().collect().await.is_err(),
+        "a cancelled stream must not end cleanly"
+    );
+    // The connection was not cut: another request on it is answered.
+    let next = send.send_request(post(CHAT)).await.unwrap();
+    assert_eq!(next.status(), 200);
+    next.into_body().collect().await.unwrap();
+    conn.abort();
+}

@@ -14,7 +14,11 @@
 //! for `send_timeout_ms` — a client that stopped reading its answer — is
 //! closed even with a request open, which cancels that request (nginx's
 //! `send_timeout`): otherwise it would hold its backend slot and its
-//! upstream stream for as long as it liked.
+//! upstream stream for as long as it liked. Over HTTP/2 a client can also
+//! stop reading one stream (no flow-control window for it) while reading the
+//! others: each streamed answer is pumped by its own task, which cancels its
+//! request when the client has taken nothing for `send_timeout_ms`
+//! ([`pumped`]), and the connection lives on.
 //!
 //! Shutdown: the listener closes; an HTTP/1 connection closes at once between
 //! requests and after its answer otherwise, an HTTP/2 one gracefully
@@ -42,7 +46,9 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::{Proxy, ProxySlot, h1_server, h1_server::RequestBody, headers::PeerText};
+use super::{
+    Body, BoxError, Proxy, ProxySlot, h1_server, h1_server::RequestBody, headers::PeerText,
+};
 use crate::{cidr::CidrTable, clock, config::Loaded, kernel::TagReader};
 
 /// How a connection's class and tenant are found.
@@ -467,7 +473,11 @@ impl Conn {
                     prefix: buf.freeze(),
                     inner: io,
                 };
-                serve_h2(proxy, &h2, io, info, &conn_activity, h2_shutdown).await
+                let streams = H2Streams {
+                    activity: &conn_activity,
+                    send_timeout: limits.send,
+                };
+                serve_h2(proxy, &h2, io, info, streams, h2_shutdown).await
             } else {
                 h1_server::serve(&proxy, &mut io, buf, info, &conn_activity).await
             }
@@ -545,6 +555,12 @@ async fn opens_with_preface<T: AsyncRead + Unpin>(
     }
 }
 
+/// What an HTTP/2 connection's streams share.
+struct H2Streams<'a> {
+    activity: &'a Arc<Activity>,
+    send_timeout: Duration,
+}
+
 /// Serves an HTTP/2 connection with hyper; on shutdown it sends GOAWAY and
 /// lets open streams finish.
 async fn serve_h2<T>(
@@ -552,13 +568,14 @@ async fn serve_h2<T>(
     builder: &http2::Builder<TokioExecutor>,
     io: T,
     info: ConnInfo,
-    activity: &Arc<Activity>,
+    streams: H2Streams<'_>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = activity.clone();
+    let activity = streams.activity.clone();
+    let send_timeout = streams.send_timeout;
     let svc = service_fn(move |req: hyper::Request<Incoming>| {
         let proxy = proxy.clone();
         let in_flight = activity.begin();
@@ -566,6 +583,14 @@ where
             let req = req.map(RequestBody::Http2);
             let (mut answer, tags) = Proxy::handle(&proxy, req, info, in_flight).await;
             tags.insert_into(answer.headers_mut());
+            // A whole answer is in memory already; a stream still holds its
+            // upstream and backend slot.
+            if hyper::body::Body::size_hint(answer.body())
+                .exact()
+                .is_none()
+            {
+                answer = answer.map(|body| pumped(body, send_timeout));
+            }
             Ok::<_, std::convert::Infallible>(answer)
         }
     });
@@ -579,6 +604,65 @@ where
         }
     };
     r.map_err(io::Error::other)
+}
+
+/// An HTTP/2 streamed answer, moved by its own task through a channel of one
+/// frame. hyper does not poll the body of a stream whose flow-control window
+/// the client keeps shut, so the body cannot time that itself: the pump
+/// does, and when a frame has waited `send_timeout` for the client to take it
+/// the pump drops the answer, which cancels its request (upstream closed,
+/// backend slot freed, budget settled), and the client's stream is reset.
+/// A client that resets the stream meanwhile cancels it at once.
+fn pumped(mut answer: Body, send_timeout: Duration) -> Body {
+    use http_body_util::BodyExt as _;
+    let (tx, rx) = mpsc::channel(1);
+    let finished = Arc::new(AtomicBool::new(false));
+    let done = finished.clone();
+    tokio::spawn(async move {
+        loop {
+            let frame = tokio::select! {
+                frame = answer.frame() => frame,
+                () = tx.closed() => return,
+            };
+            let Some(frame) = frame else {
+                done.store(true, Ordering::Release);
+                return;
+            };
+            match tokio::time::timeout(send_timeout, tx.send(frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::debug!("an HTTP/2 client stopped reading its stream; cancelled");
+                    return;
+                }
+            }
+        }
+    });
+    Pumped { rx, finished }.boxed()
+}
+
+/// The client's end of [`pumped`]: the answer's frames, then its end, or an
+/// error if the pump stopped before the end.
+struct Pumped {
+    rx: mpsc::Receiver<Result<hyper::body::Frame<Bytes>, BoxError>>,
+    finished: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for Pumped {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(None) if !self.finished.load(Ordering::Acquire) => {
+                Poll::Ready(Some(Err("the answer was cancelled".into())))
+            }
+            other => other,
+        }
+    }
 }
 
 /// A connection whose first bytes were already read: they are read again
