@@ -628,14 +628,24 @@ fn pumped(mut answer: Body, send_timeout: Duration) -> Body {
                 done.store(true, Ordering::Release);
                 return;
             };
-            match tokio::time::timeout(send_timeout, tx.send(frame)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    tracing::debug!("an HTTP/2 client stopped reading its stream; cancelled");
-                    return;
+            // The timer only when the client has not taken the last frame.
+            let slot = match tx.try_reserve() {
+                Ok(slot) => slot,
+                Err(mpsc::error::TrySendError::Closed(())) => return,
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    match tokio::time::timeout(send_timeout, tx.reserve()).await {
+                        Ok(Ok(slot)) => slot,
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            tracing::debug!(
+                                "an HTTP/2 client stopped reading its stream; cancelled"
+                            );
+                            return;
+                        }
+                    }
                 }
-            }
+            };
+            slot.send(frame);
         }
     });
     Pumped { rx, finished }.boxed()
