@@ -6,13 +6,19 @@
 //! the proxy under test and the upstream on CPU 1. Results go to
 //! docs/benchmarks.md (table) and docs/bench-proxy.json (raw).
 //!
+//! Memory: kedge's RSS idle and at its peak under load, and what an idle
+//! keep-alive connection costs each proxy (RSS growth per connection while
+//! 2 000 connections that each made one request rest, after 200 to warm up),
+//! measured on the fresh processes before the load.
+//!
 //! `smoke` (`cargo xtask test`, `cargo xtask bench proxy --smoke`): concurrency
 //! 1 and 16 only, writes nothing, and fails unless every target served every
 //! request of every cell: the pipeline works, whatever the figures.
 
 use std::{
     fmt::Write as _,
-    net::TcpListener,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -60,6 +66,66 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+/// RSS growth per idle keep-alive connection to `port` (KiB), the RSS of
+/// `pids` summed: `warm` connections first (lazy state, pools), then `n`
+/// more, each after one plain request answered in full; all kept open until
+/// the second reading, then closed.
+fn idle_connection_kib(port: u16, pids: &[u32], warm: usize, n: usize) -> Result<f64> {
+    let body = r#"{"model":"sim","messages":[{"role":"user","content":"hi"}],"max_tokens":16}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let rss = || pids.iter().map(|p| rss_kib(*p)).sum::<u64>();
+    let open = |count: usize, held: &mut Vec<TcpStream>| -> Result<()> {
+        for _ in 0..count {
+            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(request.as_bytes())?;
+            read_answer(&mut s)?;
+            held.push(s);
+        }
+        Ok(())
+    };
+    let mut held = Vec::with_capacity(warm + n);
+    open(warm, &mut held)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rss();
+    open(n, &mut held)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rss();
+    Ok(after.saturating_sub(before) as f64 / n as f64)
+}
+
+/// Reads one content-length framed answer off `s`; fails on anything else.
+fn read_answer(s: &mut TcpStream) -> Result<()> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            bail!("closed before the answer ended");
+        }
+        got.extend_from_slice(&buf[..n]);
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        if !head.starts_with("http/1.1 200") {
+            bail!("answered {}", head.lines().next().unwrap_or(""));
+        }
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("an answer without content-length")?;
+        if got.len() >= end + 4 + length {
+            return Ok(());
+        }
+    }
 }
 
 /// CPU time (user + system, every thread) `pid` has used, in microseconds.
@@ -341,6 +407,12 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     std::fs::write(&kedge_conf, kedge_config(kedge_port, up_port, admin_port))?;
     let kedge = start_kedge(bin, &kedge_conf, &work, kedge_port)?;
     let kedge_idle_rss = rss_kib(kedge.0.id());
+    let (warm, idle_n) = if smoke { (20, 100) } else { (200, 2000) };
+    let idle_connection = json!({
+        "connections": idle_n,
+        "nginx_kib": idle_connection_kib(nginx_port, &family(nginx_proc.0.id()), warm, idle_n)?,
+        "kedge_kib": idle_connection_kib(kedge_port, &[kedge.0.id()], warm, idle_n)?,
+    });
 
     // The same proxy without the governance config (no routes, no tenant
     // budget, the default scheduler): what that config costs on top of the
@@ -396,6 +468,7 @@ pub fn run(root: &Path, bin: &Path, seconds: f64, smoke: bool) -> Result<()> {
     let report = json!({
         "rows": rows,
         "kedge_rss_kib": {"idle": kedge_idle_rss, "under_load": kedge_peak_rss},
+        "idle_connection": idle_connection,
         "host_steal_pct": HostTicks::now().since(run_start).steal_pct,
         "seconds": seconds,
     });
@@ -520,6 +593,7 @@ fn summarise(report: &Value, seconds: f64) -> String {
     let idle_rss = report["kedge_rss_kib"]["idle"].as_u64().unwrap_or(0);
     let peak_rss = report["kedge_rss_kib"]["under_load"].as_u64().unwrap_or(0);
     let run_steal = report["host_steal_pct"].as_f64().unwrap_or(0.0);
+    let idle = &report["idle_connection"];
     let shown = |r: Option<f64>| r.map_or("n/a".to_owned(), |r| format!("{r:.2}"));
     let throughput = |v: &Value, _: &Value| v["throughput_rps"].as_f64();
     let added_p99 = |v: &Value, d: &Value| {
@@ -612,8 +686,17 @@ fn summarise(report: &Value, seconds: f64) -> String {
     }
     let _ = writeln!(
         md,
-        "\nkedge RSS: {idle_rss} KiB idle, {peak_rss} KiB peak under load. Host steal over \
+        "\nkedge RSS: {idle_rss} KiB idle, {peak_rss} KiB peak under load.{} Host steal over \
          the whole run: {run_steal:.1} % of the machine's CPU time{}.",
+        match (idle["kedge_kib"].as_f64(), idle["nginx_kib"].as_f64()) {
+            (Some(k), Some(n)) => format!(
+                " An idle keep-alive connection (RSS growth per connection over {} of them, \
+                 each after one request): kedge {k:.1} KiB, nginx {n:.1} KiB.",
+                idle["connections"]
+            ),
+            // A report from before this was measured.
+            _ => String::new(),
+        },
         if run_steal > STEAL_DISTURBED_PCT {
             " — a disturbed run: a cell's figures come from its calm rounds (column `calm`), \
              and a cell with none (0) is as noisy as its host"

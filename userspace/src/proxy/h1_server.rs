@@ -53,7 +53,7 @@ use hyper::{
     header::{self, HeaderName, HeaderValue},
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     sync::{mpsc, oneshot},
 };
 
@@ -68,7 +68,7 @@ use crate::openai::ApiError;
 pub(super) const MAX_HEAD: usize = 64 << 10;
 /// Most header lines of a request head (431 above), as hyper.
 const MAX_HEADERS: usize = 100;
-/// Room made in the read buffer before each read.
+/// Room made in the read buffer before each read of a body.
 const READ_CHUNK: usize = 8 << 10;
 /// Answer bytes gathered before they are written.
 const WRITE_BATCH: usize = 64 << 10;
@@ -370,7 +370,10 @@ pub(super) async fn serve<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut out = Vec::with_capacity(4096);
+    // Both buffers are dropped while the connection rests (below), and a
+    // head is read through a per-thread scratch buffer (`read_head_bytes`):
+    // an idle keep-alive connection holds no buffer, as with nginx.
+    let mut out = Vec::new();
     loop {
         // How much of `buf` is known not to hold the head's end.
         let mut scanned = 0usize;
@@ -399,8 +402,7 @@ where
                 }
             }
             scanned = buf.len();
-            buf.reserve(READ_CHUNK);
-            if io.read_buf(&mut buf).await? == 0 {
+            if read_head_bytes(io, &mut buf).await? == 0 {
                 return Ok(());
             }
         };
@@ -457,11 +459,48 @@ where
             let _ = tokio::time::timeout(LINGER, io.shutdown()).await;
             return Ok(());
         }
-        if !buf.is_empty() {
+        if buf.is_empty() {
+            // Resting: give the buffers back (the read buffer may still be
+            // the allocation the request's body was cut from).
+            buf = BytesMut::new();
+            out = Vec::new();
+        } else {
             // A pipelined head is already arriving: its time runs from now.
             activity.on_read();
         }
     }
+}
+
+/// Size of the per-thread buffer request heads are read into.
+const HEAD_SCRATCH: usize = 16 << 10;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; HEAD_SCRATCH].into_boxed_slice());
+}
+
+/// Reads what the client sent next onto `buf`, through this thread's
+/// scratch buffer: while the read waits, the connection holds no buffer of
+/// its own, and `buf` grows by what arrived only (a head and its body,
+/// cut from it without a copy, usually arrive in one read).
+async fn read_head_bytes<T: AsyncRead + Unpin>(
+    io: &mut T,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut read = ReadBuf::new(scratch);
+            match Pin::new(&mut *io).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    buf.extend_from_slice(read.filled());
+                    Poll::Ready(Ok(read.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    })
+    .await
 }
 
 /// Closes the sending side, then reads and drops what the client still
@@ -475,7 +514,7 @@ async fn linger<T: AsyncRead + AsyncWrite + Unpin>(io: &mut T) {
         return;
     }
     let until = tokio::time::Instant::now() + LINGER;
-    let mut sink = [0u8; 4096];
+    let mut sink = vec![0u8; 4096];
     while let Ok(Ok(1..)) = tokio::time::timeout_at(until, io.read(&mut sink)).await {}
 }
 
@@ -583,6 +622,8 @@ async fn write_answer<T: AsyncWrite + Unpin>(
     let chunked = unknown_length && version == Version::HTTP_11;
     let keep_alive = keep_alive && (chunked || !unknown_length);
     out.clear();
+    // Once per answer after a rest (the buffer is given back then).
+    out.reserve(4096);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');

@@ -399,30 +399,29 @@ impl ProxySlot {
                 shutdown: shutdown.clone(),
                 _open: open.clone(),
             };
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let stream = Watched {
-                    inner: stream,
-                    activity: conn.activity.clone(),
-                };
-                match tls {
-                    None => conn.serve(stream, false).await,
-                    Some(acceptor) => {
-                        match tokio::time::timeout(limits.header_read, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(tls_stream)) => {
-                                let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                                conn.serve(tls_stream, h2).await
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            let stream = Watched {
+                inner: stream,
+                activity: conn.activity.clone(),
+            };
+            // Two spawns, not one future with both arms: a task is as large
+            // as its future's largest state, and a plain connection's should
+            // not carry room for a TLS session's (an idle keep-alive
+            // connection holds its task and little else: h1_server::serve).
+            match tls.clone() {
+                None => drop(tokio::spawn(conn.serve(stream, false))),
+                Some(acceptor) => drop(tokio::spawn(async move {
+                    match tokio::time::timeout(limits.header_read, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            conn.serve(tls_stream, h2).await
                         }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                }
-            });
+                })),
+            }
         }
         drop(listener);
         drop(open);
@@ -477,7 +476,8 @@ impl Conn {
                     activity: &conn_activity,
                     send_timeout: limits.send,
                 };
-                serve_h2(proxy, &h2, io, info, streams, h2_shutdown).await
+                // Boxed: an HTTP/1 connection need not carry its room.
+                Box::pin(serve_h2(proxy, &h2, io, info, streams, h2_shutdown)).await
             } else {
                 h1_server::serve(&proxy, &mut io, buf, info, &conn_activity).await
             }
