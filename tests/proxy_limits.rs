@@ -320,7 +320,7 @@ fn a_burst_of_pipelined_requests_then_silence_still_meets_the_timeouts() {
     );
 }
 
-/// Asks for a `flood` stream: far more than the socket buffers hold.
+/// Asks for a `flood` stream: it ends only when kedge stops reading it.
 fn ask_for_a_flood(s: &mut TcpStream) {
     let body = r#"{"model":"flood","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     write!(

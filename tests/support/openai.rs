@@ -10,9 +10,9 @@
 //! - `hold`: streams "first", then waits for [`FakeOpenAi::release`], then "second"
 //! - `drip`: streams 20 chunks "tok " 25 ms apart (usage 9/20 when asked),
 //!   and notes whether the reader went away before the end
-//! - `flood`: streams 4 KiB chunks without pause, up to 256 MiB (far more
-//!   than every socket buffer between it and a client holds), and notes its
-//!   end as a drip's
+//! - `flood`: streams 4 KiB chunks without pause until the reader goes away
+//!   (at most 64 GiB, far more than any test reads), and notes its end as a
+//!   drip's
 //! - `reset`: streams "one", "two", waits for [`FakeOpenAi::release`], then
 //!   resets the connection
 //! - `garbage`: a 200 whose JSON body is not JSON; `badhttp`: not HTTP at all
@@ -339,12 +339,13 @@ fn stream_answer(w: &mut TcpStream, model: &str, wants_usage: bool, state: &Stat
             return false;
         }
         "flood" => {
+            const FLOOD_CHUNKS: usize = (64 << 30) / 4096;
             let piece = chunk(model, &"x".repeat(4096), usage);
             let mut sent = 0;
-            while sent < (256 << 20) / 4096 && send(w, &piece) {
+            while sent < FLOOD_CHUNKS && send(w, &piece) {
                 sent += 1;
             }
-            let gone = sent < (256 << 20) / 4096 || !send(w, "data: [DONE]\n\n") || !send(w, "");
+            let gone = sent < FLOOD_CHUNKS || !send(w, "data: [DONE]\n\n") || !send(w, "");
             state.drips.lock().unwrap().push(DripEnd {
                 chunks_sent: sent,
                 reader_gone: gone,

@@ -94,9 +94,10 @@ pub struct Limits {
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
     /// A connection whose writes make no progress this long (the client
-    /// stopped reading) is closed, its open request cancelled.
-    #[serde(default = "default_send_timeout_ms")]
-    pub send_timeout_ms: u64,
+    /// stopped reading) is closed, its open request cancelled (default
+    /// [`DEFAULT_SEND_TIMEOUT_MS`]; see [`Limits::send_timeout`]).
+    #[serde(default)]
+    pub send_timeout_ms: Option<Spanned<u64>>,
     /// Largest non-streaming upstream response kedge buffers to read its usage (502 above).
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: u64,
@@ -109,7 +110,7 @@ impl Default for Limits {
             header_read_timeout_ms: default_header_read_timeout_ms(),
             body_read_timeout_ms: default_body_read_timeout_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
-            send_timeout_ms: default_send_timeout_ms(),
+            send_timeout_ms: None,
             max_response_bytes: default_max_response_bytes(),
         }
     }
@@ -127,8 +128,20 @@ fn default_body_read_timeout_ms() -> u64 {
 fn default_idle_timeout_ms() -> u64 {
     120_000
 }
-fn default_send_timeout_ms() -> u64 {
-    60_000
+/// nginx's `send_timeout`.
+pub const DEFAULT_SEND_TIMEOUT_MS: u64 = 60_000;
+/// Below this a client's window closing for a moment, as it does in normal
+/// operation, would cut its answer.
+const MIN_SEND_TIMEOUT_MS: u64 = 100;
+
+impl Limits {
+    pub fn send_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.send_timeout_ms
+                .as_ref()
+                .map_or(DEFAULT_SEND_TIMEOUT_MS, |t| *t.get_ref()),
+        )
+    }
 }
 fn default_max_response_bytes() -> u64 {
     64 << 20
@@ -465,6 +478,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         };
         err(e.span(), e.message().trim().to_string(), hint)
     })?;
+
+    if let Some(t) = &raw.limits.send_timeout_ms
+        && *t.get_ref() < MIN_SEND_TIMEOUT_MS
+    {
+        return Err(err(
+            Some(t.span()),
+            format!("send_timeout_ms must be at least {MIN_SEND_TIMEOUT_MS}"),
+            Some("a client's window closes for moments in normal operation; the default is 60000"),
+        ));
+    }
 
     // Classes.
     if raw.classes.is_empty() {
@@ -904,6 +927,28 @@ url = "http://127.0.0.1:8000"
         let e = parse_str(&bad).unwrap_err();
         assert_eq!(e.position.map(|p| p.0), Some(6));
         assert!(e.to_string().contains("needs kernel.interface"), "{e}");
+    }
+
+    #[test]
+    fn a_send_timeout_defaults_to_nginx_s_and_a_tiny_one_is_refused_with_its_line() {
+        let c = parse_str(GOOD).unwrap();
+        assert_eq!(c.raw.limits.send_timeout().as_millis(), 60_000);
+        let with = |ms: u64| {
+            GOOD.replace(
+                "[listen]",
+                &format!("[limits]\nsend_timeout_ms = {ms}\n[listen]"),
+            )
+        };
+        let c = parse_str(&with(2500)).unwrap();
+        assert_eq!(c.raw.limits.send_timeout().as_millis(), 2500);
+        let e = parse_str(&with(0)).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("send_timeout_ms must be at least 100"),
+            "{text}"
+        );
+        assert!(text.contains("kedge.toml:3"), "the key's line: {text}");
+        assert!(text.contains("default is 60000"), "a hint: {text}");
     }
 
     #[test]

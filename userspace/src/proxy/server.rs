@@ -357,7 +357,7 @@ impl ProxySlot {
         let limits = ConnLimits {
             header_read: Duration::from_millis(limits.header_read_timeout_ms),
             idle: Duration::from_millis(limits.idle_timeout_ms),
-            send: Duration::from_millis(limits.send_timeout_ms),
+            send: limits.send_timeout(),
         };
         // No HTTP/2 keep-alive pings: answered pings would count as activity
         // and keep an idle connection open forever; the idle watchdog decides.
@@ -611,13 +611,15 @@ where
 /// the client keeps shut, so the body cannot time that itself: the pump
 /// does, and when a frame has waited `send_timeout` for the client to take it
 /// the pump drops the answer, which cancels its request (upstream closed,
-/// backend slot freed, budget settled), and the client's stream is reset.
-/// A client that resets the stream meanwhile cancels it at once.
+/// backend slot freed, budget settled). The client's stream is reset when
+/// hyper next polls it (once the client opens its window; until then the
+/// frames already handed over stay with it). A client that resets the stream
+/// meanwhile cancels it at once.
 fn pumped(mut answer: Body, send_timeout: Duration) -> Body {
     use http_body_util::BodyExt as _;
     let (tx, rx) = mpsc::channel(1);
-    let finished = Arc::new(AtomicBool::new(false));
-    let done = finished.clone();
+    let ended = Arc::new(PumpEnd::default());
+    let end = ended.clone();
     tokio::spawn(async move {
         loop {
             let frame = tokio::select! {
@@ -625,9 +627,10 @@ fn pumped(mut answer: Body, send_timeout: Duration) -> Body {
                 () = tx.closed() => return,
             };
             let Some(frame) = frame else {
-                done.store(true, Ordering::Release);
+                end.finish(answer);
                 return;
             };
+            let broke = frame.is_err();
             // The timer only when the client has not taken the last frame.
             let slot = match tx.try_reserve() {
                 Ok(slot) => slot,
@@ -646,16 +649,40 @@ fn pumped(mut answer: Body, send_timeout: Duration) -> Body {
                 }
             };
             slot.send(frame);
+            if broke {
+                // Nothing is read from a body after its error.
+                return;
+            }
         }
     });
-    Pumped { rx, finished }.boxed()
+    Pumped { rx, ended }.boxed()
+}
+
+/// How a pump ended, shared with the client's end.
+#[derive(Default)]
+struct PumpEnd {
+    /// The answer ended cleanly and every frame was handed over.
+    finished: AtomicBool,
+    /// The ended answer, kept until the client's end is dropped: its request
+    /// counts as open (`InFlight`) until its last frames have left.
+    answer: std::sync::Mutex<Option<Body>>,
+}
+
+impl PumpEnd {
+    fn finish(&self, answer: Body) {
+        *self
+            .answer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(answer);
+        self.finished.store(true, Ordering::Release);
+    }
 }
 
 /// The client's end of [`pumped`]: the answer's frames, then its end, or an
 /// error if the pump stopped before the end.
 struct Pumped {
     rx: mpsc::Receiver<Result<hyper::body::Frame<Bytes>, BoxError>>,
-    finished: Arc<AtomicBool>,
+    ended: Arc<PumpEnd>,
 }
 
 impl hyper::body::Body for Pumped {
@@ -667,11 +694,17 @@ impl hyper::body::Body for Pumped {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         match self.rx.poll_recv(cx) {
-            Poll::Ready(None) if !self.finished.load(Ordering::Acquire) => {
+            Poll::Ready(None) if !self.ended.finished.load(Ordering::Acquire) => {
                 Poll::Ready(Some(Err("the answer was cancelled".into())))
             }
             other => other,
         }
+    }
+
+    /// Lets hyper mark the last frame as the end (no empty DATA frame after).
+    fn is_end_stream(&self) -> bool {
+        // Every frame was sent before `finished` was set.
+        self.ended.finished.load(Ordering::Acquire) && self.rx.is_empty()
     }
 }
 
