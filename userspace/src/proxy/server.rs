@@ -362,8 +362,13 @@ impl ProxySlot {
         // No HTTP/2 keep-alive pings: answered pings would count as activity
         // and keep an idle connection open forever; the idle watchdog decides.
         let mut h2 = http2::Builder::new(TokioExecutor::new());
+        // Answer bytes buffered per stream while the socket drains: 64 KiB
+        // (hyper's default, 400 KB, times 256 streams let one client that
+        // grants large windows and reads slowly park 100 MB here; an LLM
+        // stream needs far less).
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(256)
+            .max_send_buf_size(64 << 10)
             .max_header_list_size(64 * 1024);
         let h2 = Arc::new(h2);
         // Every connection's task holds a sender: once all are dropped, the
