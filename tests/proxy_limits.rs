@@ -16,7 +16,7 @@ use std::{
 
 use support::{
     Kedge, free_port,
-    openai::{FakeOpenAi, HttpClient, next_data},
+    openai::{DripEnd, FakeOpenAi, HttpClient, next_data},
     wait_until,
 };
 
@@ -320,40 +320,46 @@ fn a_burst_of_pipelined_requests_then_silence_still_meets_the_timeouts() {
     );
 }
 
-/// Asks for a `flood` stream: it ends only when kedge stops reading it.
+/// A `flood` stream: it ends only when kedge stops reading it.
+const FLOOD: &str =
+    r#"{"model":"flood","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
 fn ask_for_a_flood(s: &mut TcpStream) {
-    let body = r#"{"model":"flood","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     write!(
         s,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: kedge\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: kedge\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{FLOOD}",
+        FLOOD.len()
     )
     .unwrap();
 }
 
-#[test]
-fn a_client_that_stops_reading_is_cut_off_and_its_request_cancelled() {
-    let up = FakeOpenAi::start();
-    let (kedge, addr) = start(&up);
-    let in_flight = || kedge.metric("kedge_queue_in_flight", &[("backend", "fake")]);
-    let mut s = TcpStream::connect(addr).unwrap();
-    let started = Instant::now();
-    ask_for_a_flood(&mut s);
-    // Never read: once the buffers between the upstream and this socket are
-    // full, kedge's writes stop moving, and send_timeout_ms = 1000 ends it.
-    let end = up.wait_drip_end(Duration::from_secs(10));
-    let held = started.elapsed();
+/// The flood asked for `held` ago ended as the send timeout (1000 ms) ends
+/// it: its upstream stream cancelled, not sooner, its backend slot freed.
+fn assert_cancelled_by_the_send_timeout(kedge: &Kedge, end: DripEnd, held: Duration) {
     assert!(
         end.reader_gone,
         "the upstream stream must be cancelled: {end:?}"
     );
     assert!(
         held >= Duration::from_millis(900),
-        "cut off before the send timeout: {held:?}"
+        "cancelled before the send timeout: {held:?}"
     );
     wait_until(Duration::from_secs(5), "the backend slot is freed", || {
-        in_flight() == 0.0
+        kedge.metric("kedge_queue_in_flight", &[("backend", "fake")]) == 0.0
     });
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_off_and_its_request_cancelled() {
+    let up = FakeOpenAi::start();
+    let (kedge, addr) = start(&up);
+    let mut s = TcpStream::connect(addr).unwrap();
+    let started = Instant::now();
+    ask_for_a_flood(&mut s);
+    // Never read: once the buffers between the upstream and this socket are
+    // full, kedge's writes stop moving, and send_timeout_ms = 1000 ends it.
+    let end = up.wait_drip_end(Duration::from_secs(10));
+    assert_cancelled_by_the_send_timeout(&kedge, end, started.elapsed());
     assert!(closed_within(&mut s, Duration::from_secs(5)));
 }
 
@@ -413,29 +419,13 @@ async fn an_http2_stream_the_client_stops_reading_is_cancelled_and_the_connectio
             .unwrap()
     };
     let started = Instant::now();
-    let flood = send
-        .send_request(post(
-            r#"{"model":"flood","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-        ))
-        .await
-        .unwrap();
+    let flood = send.send_request(post(FLOOD)).await.unwrap();
     assert_eq!(flood.status(), 200);
     // Not read: send_timeout_ms = 1000 cancels the stream's request.
     let end = tokio::task::spawn_blocking(move || up.wait_drip_end(Duration::from_secs(10)))
         .await
         .unwrap();
-    let held = started.elapsed();
-    assert!(
-        end.reader_gone,
-        "the upstream stream must be cancelled: {end:?}"
-    );
-    assert!(
-        held >= Duration::from_millis(900),
-        "cancelled before the send timeout: {held:?}"
-    );
-    wait_until(Duration::from_secs(5), "the backend slot is freed", || {
-        kedge.metric("kedge_queue_in_flight", &[("backend", "fake")]) == 0.0
-    });
+    assert_cancelled_by_the_send_timeout(&kedge, end, started.elapsed());
     // The client is told the stream broke off, not that it ended.
     assert!(
         flood.into_body().collect().await.is_err(),

@@ -129,7 +129,7 @@ fn default_idle_timeout_ms() -> u64 {
     120_000
 }
 /// nginx's `send_timeout`.
-pub const DEFAULT_SEND_TIMEOUT_MS: u64 = 60_000;
+const DEFAULT_SEND_TIMEOUT_MS: u64 = 60_000;
 /// Below this a client's window closing for a moment, as it does in normal
 /// operation, would cut its answer.
 const MIN_SEND_TIMEOUT_MS: u64 = 100;

@@ -124,6 +124,12 @@ pub struct Activity {
 const NO_HEAD: u64 = u64::MAX;
 const NOT_STALLED: u64 = u64::MAX;
 
+/// Time since the [`clock::coarse_ms`] stamp in `since`, unless it holds `unset`.
+fn age(since: &AtomicU64, unset: u64) -> Option<Duration> {
+    let since = since.load(Ordering::Relaxed);
+    (since != unset).then(|| Duration::from_millis(clock::coarse_ms().saturating_sub(since)))
+}
+
 /// The watchdog's shortest sleep: a few coarse-clock ticks.
 const MIN_CHECK: Duration = Duration::from_millis(10);
 
@@ -173,9 +179,7 @@ impl Activity {
 
     /// How long writes have been waiting for the client to read, if they are.
     fn stall_age(&self) -> Option<Duration> {
-        let since = self.stalled_since_ms.load(Ordering::Relaxed);
-        (since != NOT_STALLED)
-            .then(|| Duration::from_millis(clock::coarse_ms().saturating_sub(since)))
+        age(&self.stalled_since_ms, NOT_STALLED)
     }
 
     /// Bytes arrived: between requests of an HTTP/1 connection they are the
@@ -207,8 +211,7 @@ impl Activity {
 
     /// How long the head being read has been arriving, if one is.
     fn head_age(&self) -> Option<Duration> {
-        let since = self.head_since_ms.load(Ordering::Relaxed);
-        (since != NO_HEAD).then(|| Duration::from_millis(clock::coarse_ms().saturating_sub(since)))
+        age(&self.head_since_ms, NO_HEAD)
     }
 
     /// Why the connection must close now, if it must.
@@ -413,19 +416,25 @@ impl ProxySlot {
             // not carry room for a TLS session's (an idle keep-alive
             // connection holds its task and little else: h1_server::serve).
             match tls.clone() {
-                None => drop(tokio::spawn(conn.serve(stream, false))),
-                Some(acceptor) => drop(tokio::spawn(async move {
-                    match tokio::time::timeout(limits.header_read, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                            conn.serve(tls_stream, h2).await
+                None => {
+                    tokio::spawn(conn.serve(stream, false));
+                }
+                Some(acceptor) => {
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(limits.header_read, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(tls_stream)) => {
+                                let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                                conn.serve(tls_stream, h2).await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                         }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                })),
+                    });
+                }
             }
         }
         drop(listener);
