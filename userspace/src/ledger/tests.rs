@@ -74,6 +74,27 @@ fn record(
     }
 }
 
+/// The hand-written row JSON is serde_json's, for strings that need
+/// escaping and ones that do not, with and without an API key.
+#[test]
+fn row_json_is_serde_jsons() {
+    let start = t("1969-12-31T23:59:59.5Z");
+    let mut plain = record(7, "acme", "/v1/chat/completions", (12, 30), 99, start);
+    plain.usage.prompt_tokens = u64::MAX;
+    let mut odd = record(8, "t\"q\\b", "/v1/\u{1}\n\t", (0, 0), 0, start);
+    odd.api_key = Some("k€y-😀-\u{7f}-\u{1f}".into());
+    odd.model = "é\"".into();
+    for r in [plain, odd] {
+        let mut ours = Vec::new();
+        r.write_json(&mut ours);
+        let theirs = serde_json::to_vec(&r.columns()).unwrap();
+        assert_eq!(
+            String::from_utf8(ours).unwrap(),
+            String::from_utf8(theirs).unwrap()
+        );
+    }
+}
+
 fn count(path: &Path) -> u64 {
     open_reader(path)
         .unwrap()

@@ -24,6 +24,7 @@ mod request;
 mod scan;
 
 pub use chunk::ChunkReader;
+pub(crate) use scan::plain_run;
 
 /// The endpoints kedge governs (`GET /v1/models` is answered from the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

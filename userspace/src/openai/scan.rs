@@ -308,7 +308,7 @@ impl<'a> Scanner<'a> {
 /// backslash, control or non-ASCII byte, or the end. Eight bytes at a time
 /// (a flag bit per byte, the lowest set one exact), since most of an
 /// answer's bytes are inside strings.
-fn plain_run(b: &[u8], mut i: usize) -> usize {
+pub(crate) fn plain_run(b: &[u8], mut i: usize) -> usize {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGH: u64 = ONES * 0x80;
     while let Some(word) = b.get(i..i + 8) {
