@@ -5,6 +5,7 @@
 //! [`classify`], route, forward, [`openai`] protocol, [`sse`] streams, [`tokens`])
 //! → [`metrics`]. [`daemon`] wires them together for `kedge run`.
 
+pub mod allocator;
 pub mod budget;
 pub mod cidr;
 pub mod classify;

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 // mimalloc's per-thread free lists cost measurably less than glibc's arenas
 // there (docs/benchmarks.md, proxy overhead).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: kedge::allocator::MiMalloc = kedge::allocator::MiMalloc;
 
 /// kedge: LLM traffic shaping at the kernel edge.
 #[derive(Parser)]
