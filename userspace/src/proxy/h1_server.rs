@@ -552,8 +552,9 @@ async fn feed<T: AsyncRead + AsyncWrite + Unpin>(
             // Enough of the next request is here; the handler decides.
             std::future::pending::<()>().await;
         }
-        buf.reserve(READ_CHUNK);
-        return match io.read_buf(buf).await {
+        // Through the scratch buffer: a connection waiting for its answer
+        // holds no read buffer of its own either.
+        return match read_head_bytes(io, buf).await {
             Ok(0) | Err(_) => Fed::ClientGone,
             Ok(_) => Fed::Piece,
         };

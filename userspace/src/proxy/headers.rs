@@ -40,21 +40,19 @@ pub fn request_id(headers: &HeaderMap) -> Arc<str> {
             .unwrap_or(0)
             ^ (std::process::id() as u64) << 32
     });
-    // `kedge-{start:016x}-{n:08x}`, written without the formatting machinery.
+    // `kedge-{start:016x}-{n:08x}`, written in place: one allocation, the Arc's.
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let mut id = String::with_capacity(31);
-    id.push_str("kedge-");
-    push_hex(&mut id, start, 16);
-    id.push('-');
-    push_hex(&mut id, n & 0xffff_ffff, 8);
-    Arc::from(id)
+    let mut id = *b"kedge-0000000000000000-00000000";
+    hex_into(&mut id[6..22], start);
+    hex_into(&mut id[23..], n);
+    Arc::from(std::str::from_utf8(&id).unwrap_or("kedge"))
 }
 
-/// `value` as `digits` lower-case hex digits.
-fn push_hex(out: &mut String, value: u64, digits: u32) {
-    for i in (0..digits).rev() {
-        let nibble = (value >> (i * 4)) & 0xf;
-        out.push(char::from(b"0123456789abcdef"[nibble as usize]));
+/// The low `out.len()` hex digits of `value`, lower case, into `out`.
+fn hex_into(out: &mut [u8], mut value: u64) {
+    for digit in out.iter_mut().rev() {
+        *digit = b"0123456789abcdef"[(value & 0xf) as usize];
+        value >>= 4;
     }
 }
 

@@ -375,8 +375,6 @@ impl Proxy {
         openai::parse_request(endpoint, bytes)
     }
 
-    /// Stage 3: which backend serves the model, and may this identity use it.
-    /// Without any `[[route]]`, every model goes to the first backend as is.
     /// Stage 3: the route of a model. `None` when no `[[route]]` is configured:
     /// every model then goes to the first backend as is.
     fn find_route(&self, model: &str) -> Result<Option<&RouteRuntime>, ApiError> {
