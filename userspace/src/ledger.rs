@@ -186,7 +186,20 @@ impl UsageRecord {
     /// writes of them, byte for byte (a unit test compares), without its
     /// per-string escape loop, which was a fifth of the ledger writer's work.
     fn write_json(&self, out: &mut Vec<u8>) {
-        let (request_id, tenant, api_key, route, backend, model, a, b, c, d, e, f) = self.columns();
+        let (
+            request_id,
+            tenant,
+            api_key,
+            route,
+            backend,
+            model,
+            prompt,
+            completion,
+            cached,
+            cost,
+            started,
+            finished,
+        ) = self.columns();
         out.push(b'[');
         for s in [request_id, tenant] {
             json_str(out, s);
@@ -201,7 +214,7 @@ impl UsageRecord {
             json_str(out, s);
         }
         let mut digits = itoa::Buffer::new();
-        for n in [a, b, c, d, e, f] {
+        for n in [prompt, completion, cached, cost, started, finished] {
             out.push(b',');
             out.extend_from_slice(digits.format(n).as_bytes());
         }

@@ -436,8 +436,8 @@ where
         };
         let mut body_read = arriving.is_none();
         // Boxed: inline, the handler's state (5 KB) would be room every
-        // resting connection keeps (4.3 KiB a connection instead of 9.4,
-        // for 385 instructions a request; docs/benchmarks.md).
+        // resting connection keeps (4.3 KiB a connection instead of 8.4,
+        // for 1.5 % more instructions a request; docs/benchmarks.md).
         let mut handling = Box::pin(Proxy::handle(
             proxy,
             head.request.map(|()| body),
