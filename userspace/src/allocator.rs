@@ -1,7 +1,15 @@
 //! The daemon's allocator: mimalloc, without the aligned-allocation detour
 //! the `mimalloc` crate takes for every block.
 
-use std::alloc::{GlobalAlloc, Layout};
+use std::{
+    alloc::{GlobalAlloc, Layout},
+    ffi::c_void,
+};
+
+use libmimalloc_sys::{
+    mi_free, mi_malloc, mi_malloc_aligned, mi_realloc, mi_realloc_aligned, mi_zalloc,
+    mi_zalloc_aligned,
+};
 
 /// mimalloc, asked as C asks it: plain `mi_malloc` where a block's own
 /// alignment is enough (as std's `System` does with malloc). The `mimalloc`
@@ -21,41 +29,46 @@ fn natural(align: usize) -> bool {
     align <= MI_MALLOC_ALIGN
 }
 
+/// `plain` or `aligned` for `layout`, whichever its alignment calls for.
+///
+/// # Safety
+/// As `GlobalAlloc::alloc`: `layout` has a non-zero size.
+#[inline(always)]
+unsafe fn by_alignment(
+    layout: Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    // SAFETY: as the caller promised; both allocate `layout.size()` bytes.
+    unsafe {
+        if natural(layout.align()) {
+            plain(layout.size()).cast()
+        } else {
+            aligned(layout.size(), layout.align()).cast()
+        }
+    }
+}
+
 // SAFETY: mimalloc's functions are thread-safe; each request either goes to
 // the aligned call or to one whose blocks are aligned enough (`natural`),
 // and `mi_free` frees blocks of both.
 unsafe impl GlobalAlloc for MiMalloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        use libmimalloc_sys::{mi_malloc, mi_malloc_aligned};
         // SAFETY: as the trait requires (a non-zero size).
-        unsafe {
-            if natural(layout.align()) {
-                mi_malloc(layout.size()).cast()
-            } else {
-                mi_malloc_aligned(layout.size(), layout.align()).cast()
-            }
-        }
+        unsafe { by_alignment(layout, mi_malloc, mi_malloc_aligned) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        use libmimalloc_sys::{mi_zalloc, mi_zalloc_aligned};
         // SAFETY: as in `alloc`.
-        unsafe {
-            if natural(layout.align()) {
-                mi_zalloc(layout.size()).cast()
-            } else {
-                mi_zalloc_aligned(layout.size(), layout.align()).cast()
-            }
-        }
+        unsafe { by_alignment(layout, mi_zalloc, mi_zalloc_aligned) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
         // SAFETY: `ptr` came from this allocator.
-        unsafe { libmimalloc_sys::mi_free(ptr.cast()) }
+        unsafe { mi_free(ptr.cast()) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        use libmimalloc_sys::{mi_realloc, mi_realloc_aligned};
         // SAFETY: `ptr` came from this allocator; the new block is aligned
         // as the old one had to be.
         unsafe {

@@ -371,7 +371,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     // Both buffers are dropped while the connection rests (below), and a
-    // head is read through a per-thread scratch buffer (`read_head_bytes`):
+    // head is read through a per-thread scratch buffer (`read_through_scratch`):
     // an idle keep-alive connection holds no buffer, as with nginx.
     let mut out = Vec::new();
     loop {
@@ -402,7 +402,7 @@ where
                 }
             }
             scanned = buf.len();
-            if read_head_bytes(io, &mut buf).await? == 0 {
+            if read_through_scratch(io, &mut buf).await? == 0 {
                 return Ok(());
             }
         };
@@ -478,7 +478,8 @@ where
     }
 }
 
-/// Size of the per-thread buffer request heads are read into.
+/// Size of the per-thread buffer a connection reads into while it holds no
+/// buffer of its own: waiting for a head, or for its answer.
 const HEAD_SCRATCH: usize = 16 << 10;
 
 thread_local! {
@@ -486,11 +487,12 @@ thread_local! {
         std::cell::RefCell::new(vec![0; HEAD_SCRATCH].into_boxed_slice());
 }
 
-/// Reads what the client sent next onto `buf`, through this thread's
-/// scratch buffer: while the read waits, the connection holds no buffer of
-/// its own, and `buf` grows by what arrived only (a head and its body,
-/// cut from it without a copy, usually arrive in one read).
-async fn read_head_bytes<T: AsyncRead + Unpin>(
+/// Reads what the client sent next (a head, or bytes sent while a request
+/// is handled) onto `buf`, through this thread's scratch buffer: while the
+/// read waits, the connection holds no buffer of its own, and `buf` grows
+/// by what arrived only (a head and its body, cut from it without a copy,
+/// usually arrive in one read).
+async fn read_through_scratch<T: AsyncRead + Unpin>(
     io: &mut T,
     buf: &mut BytesMut,
 ) -> io::Result<usize> {
@@ -561,7 +563,7 @@ async fn feed<T: AsyncRead + AsyncWrite + Unpin>(
         }
         // Through the scratch buffer: a connection waiting for its answer
         // holds no read buffer of its own either.
-        return match read_head_bytes(io, buf).await {
+        return match read_through_scratch(io, buf).await {
             Ok(0) | Err(_) => Fed::ClientGone,
             Ok(_) => Fed::Piece,
         };
