@@ -360,122 +360,166 @@ pub(super) type Served = io::Result<()>;
 
 /// Serves HTTP/1.1 requests on `io` until the client closes, a request says
 /// `close`, a framing error, or shutdown. `buf` holds bytes already read.
-pub(super) async fn serve<T>(
+///
+/// A block, not an `async fn`, whose arguments would keep their room twice
+/// in the state (see `Conn::serve`).
+#[allow(clippy::manual_async_fn, reason = "an async fn doubles its arguments' room")]
+pub(super) fn serve<T>(
     proxy: &Arc<Proxy>,
     io: &mut T,
     mut buf: BytesMut,
-    info: ConnInfo,
+    info: &ConnInfo,
     activity: &Arc<Activity>,
-) -> Served
+) -> impl Future<Output = Served>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    // Both buffers are dropped while the connection rests (below), and a
-    // head is read through a per-thread scratch buffer (`read_through_scratch`):
-    // an idle keep-alive connection holds no buffer, as with nginx.
-    let mut out = Vec::new();
-    loop {
-        // How much of `buf` is known not to hold the head's end.
-        let mut scanned = 0usize;
-        let head = loop {
-            // Empty lines before a request are ignored (RFC 9112 §2.2).
-            while buf.starts_with(b"\r\n") {
-                buf.advance(2);
-                scanned = scanned.saturating_sub(2);
-            }
-            // Parsed once its end is here: a head dribbled a byte at a time
-            // is scanned once, not parsed again after every read.
-            let end = HEAD_END.find(&buf[scanned.saturating_sub(3)..]);
-            let parsed = match end {
-                Some(_) => parse_head(&mut buf),
-                None if buf.len() > MAX_HEAD => Err(HeadError::TooLarge),
-                None => Ok(None),
-            };
-            match parsed {
-                Ok(Some(head)) => break head,
-                Ok(None) => {}
-                Err(e) => {
-                    let answer = (e.answer(), None);
-                    write_answer(io, &mut out, answer, Version::HTTP_11, false, false).await?;
-                    linger(io).await;
+    async move {
+        // Both buffers are dropped while the connection rests (below), and a
+        // head is read through a per-thread scratch buffer (`read_through_scratch`):
+        // an idle keep-alive connection holds no buffer, as with nginx.
+        let mut out = Vec::new();
+        loop {
+            // How much of `buf` is known not to hold the head's end.
+            let mut scanned = 0usize;
+            let head = loop {
+                // Empty lines before a request are ignored (RFC 9112 §2.2).
+                while buf.starts_with(b"\r\n") {
+                    buf.advance(2);
+                    scanned = scanned.saturating_sub(2);
+                }
+                // Parsed once its end is here: a head dribbled a byte at a time
+                // is scanned once, not parsed again after every read. Matched
+                // as a temporary: a `let` would keep its room (240 bytes) in
+                // this state across the read below, as every resting
+                // connection's.
+                let refused = match match HEAD_END.find(&buf[scanned.saturating_sub(3)..]) {
+                    Some(_) => parse_head(&mut buf),
+                    None if buf.len() > MAX_HEAD => Err(HeadError::TooLarge),
+                    None => Ok(None),
+                } {
+                    Ok(Some(head)) => break head,
+                    Ok(None) => None,
+                    Err(e) => Some(e),
+                };
+                if let Some(e) = refused {
+                    // The ends of a connection are boxed (here and below): their
+                    // state would be room every resting one keeps.
+                    return built_in_box(|| refuse(io, &mut out, e)).await;
+                }
+                scanned = buf.len();
+                if read_through_scratch(io, &mut buf).await? == 0 {
                     return Ok(());
                 }
-            }
-            scanned = buf.len();
-            if read_through_scratch(io, &mut buf).await? == 0 {
+            };
+            // Boxed: the request's part of the connection (the handler's state,
+            // 5 KB, and the writing of its answer) is held while it is served,
+            // not by every resting connection (docs/benchmarks.md).
+            let exchanged =
+                built_in_box(|| exchange(proxy, io, &mut buf, &mut out, head, *info, activity));
+            let (kept, body_read) = match exchanged.await? {
+                Exchanged::ClientGone => return Ok(()),
+                Exchanged::Answered { kept, body_read } => (kept, body_read),
+            };
+            if !body_read || ((!kept || activity.closing()) && !buf.is_empty()) {
+                built_in_box(|| linger(io)).await;
                 return Ok(());
             }
-        };
-        let in_flight = activity.begin();
-        let head_only = head.request.method() == Method::HEAD;
-        let version = head.request.version();
-        // Nearly every request's body came with its head: it is handed over
-        // as it lies in the buffer. The rest (a body still arriving, or
-        // chunked, which API clients rarely send) is read beside the handler.
-        let mut arriving = None;
-        let body = if head.chunked || head.length > buf.len() as u64 {
-            // The 100 waits for the handler's first read: a client refused
-            // before that (401, 413 by its declared length) never uploads.
-            let (wanted, continue_after) = if head.expect_continue && buf.is_empty() {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
+            if !kept || activity.closing() {
+                // An orderly end (TLS: close_notify), bounded.
+                let _ = built_in_box(|| tokio::time::timeout(LINGER, io.shutdown())).await;
+                return Ok(());
+            }
+            if buf.is_empty() {
+                // Resting: give the buffers back (the read buffer may still be
+                // the allocation the request's body was cut from).
+                buf = BytesMut::new();
+                out = Vec::new();
             } else {
-                (None, None)
-            };
-            let (tx, pieces) = mpsc::channel(BODY_AHEAD);
-            arriving = Some(Arriving {
-                framing: Framing::request(head.chunked, head.length),
-                tx,
-                continue_after,
-            });
-            RequestBody::Arriving { pieces, wanted }
-        } else if head.length == 0 {
-            RequestBody::Whole(None)
+                // A pipelined head is already arriving: its time runs from now.
+                activity.on_read();
+            }
+        }
+    }
+}
+
+/// `make()` in a box, built where it lies: `Box::pin(make())` would build it
+/// on the stack and copy all its room (the exchange's, 6 KB) over.
+fn built_in_box<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
+/// How one request's exchange ended.
+enum Exchanged {
+    /// The client left before its answer.
+    ClientGone,
+    /// Answered; `kept`: the answer allows another request; `body_read`:
+    /// the request's body was read to its end, so the next head's start
+    /// is known.
+    Answered { kept: bool, body_read: bool },
+}
+
+/// Serves one request whose head has been read: hands it to the handler,
+/// reads the rest of its body beside it (or watches for the client
+/// leaving), and writes the answer.
+async fn exchange<T: AsyncRead + AsyncWrite + Unpin>(
+    proxy: &Arc<Proxy>,
+    io: &mut T,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    head: Head,
+    info: ConnInfo,
+    activity: &Arc<Activity>,
+) -> io::Result<Exchanged> {
+    let in_flight = activity.begin();
+    let head_only = head.request.method() == Method::HEAD;
+    let version = head.request.version();
+    // Nearly every request's body came with its head: it is handed over
+    // as it lies in the buffer. The rest (a body still arriving, or
+    // chunked, which API clients rarely send) is read beside the handler.
+    let mut arriving = None;
+    let body = if head.chunked || head.length > buf.len() as u64 {
+        // The 100 waits for the handler's first read: a client refused
+        // before that (401, 413 by its declared length) never uploads.
+        let (wanted, continue_after) = if head.expect_continue && buf.is_empty() {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
         } else {
-            RequestBody::Whole(Some(buf.split_to(head.length as usize).freeze()))
+            (None, None)
         };
-        let mut body_read = arriving.is_none();
-        // Boxed: inline, the handler's state (5 KB) would be room every
-        // resting connection keeps (4.3 KiB a connection instead of 8.4,
-        // for 1.5 % more instructions a request; docs/benchmarks.md).
-        let mut handling = Box::pin(Proxy::handle(
-            proxy,
-            head.request.map(|()| body),
-            info,
-            in_flight,
-        ));
-        let answer = loop {
+        let (tx, pieces) = mpsc::channel(BODY_AHEAD);
+        arriving = Some(Arriving {
+            framing: Framing::request(head.chunked, head.length),
+            tx,
+            continue_after,
+        });
+        RequestBody::Arriving { pieces, wanted }
+    } else if head.length == 0 {
+        RequestBody::Whole(None)
+    } else {
+        RequestBody::Whole(Some(buf.split_to(head.length as usize).freeze()))
+    };
+    let mut body_read = arriving.is_none();
+    // In a block: the handler's state ends before the answer is written,
+    // and the two share their room.
+    let answer = {
+        let handling = Proxy::handle(proxy, head.request.map(|()| body), info, in_flight);
+        tokio::pin!(handling);
+        loop {
             tokio::select! {
                 biased;
                 (answer, tags) = &mut handling => break (answer, Some(tags)),
-                fed = feed(io, &mut buf, &mut arriving) => match fed {
+                fed = feed(io, buf, &mut arriving) => match fed {
                     Fed::Piece | Fed::Broken => {}
                     Fed::End => body_read = true,
-                    Fed::ClientGone => return Ok(()),
+                    Fed::ClientGone => return Ok(Exchanged::ClientGone),
                 },
             }
-        };
-        let keep_alive = head.keep_alive && body_read && !activity.closing();
-        let kept = write_answer(io, &mut out, answer, version, head_only, keep_alive).await?;
-        if !body_read || ((!kept || activity.closing()) && !buf.is_empty()) {
-            linger(io).await;
-            return Ok(());
         }
-        if !kept || activity.closing() {
-            // An orderly end (TLS: close_notify), bounded.
-            let _ = tokio::time::timeout(LINGER, io.shutdown()).await;
-            return Ok(());
-        }
-        if buf.is_empty() {
-            // Resting: give the buffers back (the read buffer may still be
-            // the allocation the request's body was cut from).
-            buf = BytesMut::new();
-            out = Vec::new();
-        } else {
-            // A pipelined head is already arriving: its time runs from now.
-            activity.on_read();
-        }
-    }
+    };
+    let keep_alive = head.keep_alive && body_read && !activity.closing();
+    let kept = write_answer(io, out, answer, version, head_only, keep_alive).await?;
+    Ok(Exchanged::Answered { kept, body_read })
 }
 
 /// Size of the per-thread buffer a connection reads into while it holds no
@@ -510,6 +554,17 @@ async fn read_through_scratch<T: AsyncRead + Unpin>(
         })
     })
     .await
+}
+
+/// Answers a head that cannot be served, and closes.
+async fn refuse<T: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut T,
+    out: &mut Vec<u8>,
+    e: HeadError,
+) -> Served {
+    write_answer(io, out, (e.answer(), None), Version::HTTP_11, false, false).await?;
+    linger(io).await;
+    Ok(())
 }
 
 /// Closes the sending side, then reads and drops what the client still

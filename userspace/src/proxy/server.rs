@@ -463,87 +463,87 @@ struct Conn {
 impl Conn {
     /// Serves the connection (HTTP/2 if ALPN said `h2` or it opens with the
     /// preface, else HTTP/1) under its watchdog.
-    async fn serve<T>(self, mut io: T, alpn_h2: bool)
+    ///
+    /// A block, not an `async fn`: an async fn's arguments are copied into
+    /// its body and keep their room twice in the task (every resting
+    /// connection's); for the same reason the block borrows `self`'s parts
+    /// instead of moving them out.
+    #[allow(clippy::manual_async_fn, reason = "an async fn doubles its arguments' room")]
+    fn serve<T>(mut self, mut io: T, alpn_h2: bool) -> impl Future<Output = ()> + Send
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Conn {
-            proxy,
-            h2,
-            info,
-            activity,
-            limits,
-            mut shutdown,
-            _open,
-        } = self;
-        let h2_shutdown = shutdown.clone();
-        let conn_activity = activity.clone();
-        let serving = async move {
-            let mut buf = BytesMut::new();
-            if alpn_h2 || opens_with_preface(&mut io, &mut buf).await? {
-                conn_activity.set_http2();
-                let io = Prefixed {
-                    prefix: buf.freeze(),
-                    inner: io,
-                };
-                let streams = H2Streams {
-                    activity: &conn_activity,
-                    send_timeout: limits.send,
-                };
-                // Boxed: an HTTP/1 connection need not carry its room.
-                Box::pin(serve_h2(proxy, &h2, io, info, streams, h2_shutdown)).await
-            } else {
-                h1_server::serve(&proxy, &mut io, buf, info, &conn_activity).await
-            }
-        };
-        tokio::pin!(serving);
-        let sleep = tokio::time::sleep(activity.next_check(limits));
-        tokio::pin!(sleep);
-        let mut seen = shutdown.clone();
-        let stop = shutdown.changed();
-        tokio::pin!(stop);
-        let mut armed = false;
-        let mut shutting_down = false;
-        let ended = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = serving.as_mut().poll(cx) {
-                return Poll::Ready(r.err().map(|e| e.to_string()));
-            }
-            // The watchdog's timer and the shutdown signal keep this task's
-            // waker from their first poll; after that they are looked at (a
-            // load each) when the connection wakes, not polled every time.
-            // Unconstrained: a poll refused by tokio's per-task budget (a
-            // connection that has just done a lot of I/O) would register
-            // nothing, and with no second poll the watchdog would be off.
-            if !armed {
-                armed = true;
-                let _ = Pin::new(&mut tokio::task::unconstrained(stop.as_mut())).poll(cx);
-                let _ = Pin::new(&mut tokio::task::unconstrained(sleep.as_mut())).poll(cx);
-            }
-            if !shutting_down && seen.has_changed().unwrap_or(true) {
-                shutting_down = true;
-                seen.mark_unchanged();
-                // HTTP/2 winds down by itself (`serve_h2`); HTTP/1 closes now
-                // between requests, else after the answer.
-                if !activity.http2.load(Ordering::Relaxed) {
-                    if activity.in_flight.load(Ordering::Relaxed) == 0 {
-                        return Poll::Ready(Some("shutting down".into()));
+        async move {
+            let (proxy, activity, limits) = (&self.proxy, &self.activity, &self.limits);
+            let (h2, info, h2_shutdown) = (&self.h2, &self.info, self.shutdown.clone());
+            let serving = async {
+                let mut buf = BytesMut::new();
+                if alpn_h2 || opens_with_preface(&mut io, &mut buf).await? {
+                    activity.set_http2();
+                    let io = Prefixed {
+                        prefix: buf.freeze(),
+                        inner: io,
+                    };
+                    let streams = H2Streams {
+                        activity,
+                        send_timeout: limits.send,
+                    };
+                    // Boxed: an HTTP/1 connection need not carry its room.
+                    let h2 = serve_h2(proxy.clone(), h2, io, *info, streams, h2_shutdown);
+                    Box::pin(h2).await
+                } else {
+                    h1_server::serve(proxy, &mut io, buf, info, activity).await
+                }
+            };
+            tokio::pin!(serving);
+            let sleep = tokio::time::sleep(activity.next_check(*limits));
+            tokio::pin!(sleep);
+            let mut seen = self.shutdown.clone();
+            let stop = self.shutdown.changed();
+            tokio::pin!(stop);
+            let mut armed = false;
+            let mut shutting_down = false;
+            let ended = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = serving.as_mut().poll(cx) {
+                    return Poll::Ready(r.err().map(|e| e.to_string()));
+                }
+                // The watchdog's timer and the shutdown signal keep this task's
+                // waker from their first poll; after that they are looked at (a
+                // load each) when the connection wakes, not polled every time.
+                // Unconstrained: a poll refused by tokio's per-task budget (a
+                // connection that has just done a lot of I/O) would register
+                // nothing, and with no second poll the watchdog would be off.
+                if !armed {
+                    armed = true;
+                    let _ = Pin::new(&mut tokio::task::unconstrained(stop.as_mut())).poll(cx);
+                    let _ = Pin::new(&mut tokio::task::unconstrained(sleep.as_mut())).poll(cx);
+                }
+                if !shutting_down && seen.has_changed().unwrap_or(true) {
+                    shutting_down = true;
+                    seen.mark_unchanged();
+                    // HTTP/2 winds down by itself (`serve_h2`); HTTP/1 closes now
+                    // between requests, else after the answer.
+                    if !activity.http2.load(Ordering::Relaxed) {
+                        if activity.in_flight.load(Ordering::Relaxed) == 0 {
+                            return Poll::Ready(Some("shutting down".into()));
+                        }
+                        activity.closing.store(true, Ordering::Relaxed);
                     }
-                    activity.closing.store(true, Ordering::Relaxed);
                 }
-            }
-            if sleep.is_elapsed() {
-                if let Some(why) = activity.expired(limits) {
-                    return Poll::Ready(Some(why.into()));
+                if sleep.is_elapsed() {
+                    if let Some(why) = activity.expired(*limits) {
+                        return Poll::Ready(Some(why.into()));
+                    }
+                    let next = tokio::time::Instant::now() + activity.next_check(*limits);
+                    sleep.as_mut().reset(next);
+                    let _ = Pin::new(&mut tokio::task::unconstrained(sleep.as_mut())).poll(cx);
                 }
-                let next = tokio::time::Instant::now() + activity.next_check(limits);
-                sleep.as_mut().reset(next);
-                let _ = Pin::new(&mut tokio::task::unconstrained(sleep.as_mut())).poll(cx);
+                Poll::Pending
+            })
+            .await;
+            if let Some(why) = ended {
+                tracing::debug!(peer = %info.peer, why, "connection closed");
             }
-            Poll::Pending
-        })
-        .await;
-        if let Some(why) = ended {
-            tracing::debug!(peer = %info.peer, why, "connection closed");
         }
     }
 }
