@@ -428,23 +428,33 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     } else {
         Version::HTTP_10
     };
-    let framing = framing(head.headers, status, method, version)?;
-    // Where each kept header lies in the head, to slice the frozen bytes.
+    // One pass over the lines: what they say about the framing, and where
+    // each kept one lies in the head, to slice the frozen bytes (pushed in
+    // place: a collected SmallVec is copied out whole).
     let base = buf.as_ptr() as usize;
-    let named: Vec<&[u8]> = values(head.headers, "connection")
-        .flat_map(|v| v.split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
-        .collect();
-    let kept: SmallVec<[_; 16]> = head
-        .headers
-        .iter()
-        .filter(|h| !stops_here(h.name, &named))
-        .map(|h| {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            (name, name + h.name.len(), value, value + h.value.len())
-        })
-        .collect();
+    let mut facts = FramingLines::default();
+    let mut kept = SmallVec::<[_; 16]>::new();
+    for h in head.headers.iter() {
+        if facts.read(h) || headers::is_hop_by_hop_name(h.name) {
+            continue;
+        }
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        kept.push((name, name + h.name.len(), value, value + h.value.len()));
+    }
+    if facts.connection {
+        // The names `Connection` lists stop here too (rare: most list only
+        // `close` or `keep-alive`).
+        let named: Vec<&[u8]> = values(head.headers, "connection")
+            .flat_map(|v| v.split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .collect();
+        kept.retain(|&mut (start, end, _, _)| {
+            let name = &buf[start..end];
+            !named.iter().any(|n| n.eq_ignore_ascii_case(name))
+        });
+    }
+    let framing = facts.framing(status, method, version)?;
     let bytes = buf.split_to(len).freeze();
     // The tags kedge adds to every answer are written beside these over
     // HTTP/1 (`AnswerTags`); only HTTP/2 inserts them, and grows the map.
@@ -463,16 +473,6 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Err
     Ok(Some(Parsed::Final(resp)))
 }
 
-/// Whether a response header stops at this hop: a hop-by-hop one, one the
-/// `Connection` header names (`named`), or the framing this hop replaces.
-fn stops_here(name: &str, named: &[&[u8]]) -> bool {
-    headers::is_hop_by_hop_name(name)
-        || name.eq_ignore_ascii_case("content-length")
-        || named
-            .iter()
-            .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
-}
-
 /// The values of every `name` header, in order.
 fn values<'a>(
     all: &'a [httparse::Header<'a>],
@@ -483,46 +483,81 @@ fn values<'a>(
         .map(|h| h.value)
 }
 
-/// How the body ends (RFC 9112 §6.3), and whether the connection outlives it.
-fn framing(
-    headers: &[httparse::Header<'_>],
-    status: StatusCode,
-    method: &Method,
-    version: Version,
-) -> Result<Framing, Error> {
-    let close =
-        version == Version::HTTP_10 || values(headers, "connection").any(|v| has_token(v, "close"));
-    let kind = if method == Method::HEAD
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        Kind::Length(0)
-    } else if let Some(last) = values(headers, "transfer-encoding").next_back() {
-        if has_token(last, "chunked") {
-            Kind::Chunked(Chunk::Size)
+/// What a response head's framing lines say (RFC 9112 §6.3), gathered in
+/// the one pass over its lines.
+#[derive(Default)]
+struct FramingLines<'a> {
+    /// A `Connection` line was there.
+    connection: bool,
+    /// One of them says `close`.
+    close: bool,
+    /// The last `Transfer-Encoding` value.
+    transfer_encoding: Option<&'a [u8]>,
+    /// The first `Content-Length` value, and whether a later one differs.
+    length: Option<&'a [u8]>,
+    lengths_differ: bool,
+}
+
+impl<'a> FramingLines<'a> {
+    /// Takes in a line; `true` when it is one of these (none is forwarded:
+    /// the framing is this hop's to say).
+    fn read(&mut self, h: &httparse::Header<'a>) -> bool {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("connection") {
+            self.connection = true;
+            self.close |= has_token(h.value, "close");
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            self.transfer_encoding = Some(h.value);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            match self.length {
+                None => self.length = Some(h.value),
+                Some(first) => self.lengths_differ |= first != h.value,
+            }
         } else {
-            Kind::UntilClose
+            return false;
         }
-    } else {
-        let mut lengths = values(headers, "content-length");
-        match lengths.next() {
-            None => Kind::UntilClose,
-            Some(first) => {
-                if lengths.any(|v| v != first) {
+        true
+    }
+
+    /// How the body ends, and whether the connection outlives it.
+    fn framing(
+        &self,
+        status: StatusCode,
+        method: &Method,
+        version: Version,
+    ) -> Result<Framing, Error> {
+        let close = version == Version::HTTP_10 || self.close;
+        let kind = if method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Kind::Length(0)
+        } else if let Some(last) = self.transfer_encoding {
+            if has_token(last, "chunked") {
+                Kind::Chunked(Chunk::Size)
+            } else {
+                Kind::UntilClose
+            }
+        } else {
+            match self.length {
+                None => Kind::UntilClose,
+                Some(_) if self.lengths_differ => {
                     return Err(Error::Protocol("conflicting content-length"));
                 }
-                let n = std::str::from_utf8(first)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .ok_or(Error::Protocol("bad content-length"))?;
-                Kind::Length(n)
+                Some(first) => {
+                    let n = std::str::from_utf8(first)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u64>().ok())
+                        .ok_or(Error::Protocol("bad content-length"))?;
+                    Kind::Length(n)
+                }
             }
-        }
-    };
-    Ok(Framing {
-        keep_alive: !close && !matches!(kind, Kind::UntilClose),
-        kind,
-    })
+        };
+        Ok(Framing {
+            keep_alive: !close && !matches!(kind, Kind::UntilClose),
+            kind,
+        })
+    }
 }
 
 /// Whether a comma-separated header value lists `token` (case-insensitively).
@@ -992,6 +1027,34 @@ mod tests {
                 panic!("a final head");
             };
             assert!(!resp.body().keep_alive);
+        }
+    }
+
+    #[test]
+    fn framing_lines_are_read_in_one_pass_whatever_their_order() {
+        let head = |text: &str| parse_head(&mut BytesMut::from(text), &Method::POST);
+        // A name listed by a `Connection` line further down still stops here.
+        let Some(Parsed::Final(resp)) =
+            head("HTTP/1.1 200 OK\r\nx-hop: 1\r\ncontent-length: 0\r\nConnection: X-Hop\r\n\r\n")
+                .unwrap()
+        else {
+            panic!("a final head");
+        };
+        assert!(resp.headers().is_empty());
+        // The last transfer coding decides; a length beside it does not count.
+        let Some(Parsed::Final(resp)) = head(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ncontent-length: 3\r\n\
+             transfer-encoding: chunked\r\n\r\n",
+        )
+        .unwrap() else {
+            panic!("a final head");
+        };
+        assert!(matches!(resp.body().kind, Kind::Chunked(_)));
+        // Repeated lengths must agree, byte for byte.
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\n").is_ok());
+        for bad in ["2\r\ncontent-length: 3", "x"] {
+            let text = format!("HTTP/1.1 200 OK\r\ncontent-length: {bad}\r\n\r\n");
+            assert!(head(&text).is_err(), "{bad}");
         }
     }
 

@@ -224,7 +224,18 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let (mut close, mut keep_alive_asked) = (false, false);
     let mut expect_continue = false;
     let mut hosts = 0;
+    // Where each line lies in the head, to slice the frozen bytes (no copy);
+    // pushed in place (a collected SmallVec is copied out whole, 768 bytes).
+    let mut spans = smallvec::SmallVec::<[_; 24]>::new();
     for h in req.headers.iter() {
+        let (name_at, value_at) = (
+            h.name.as_ptr() as usize - base,
+            h.value.as_ptr() as usize - base,
+        );
+        spans.push((
+            name_at..name_at + h.name.len(),
+            value_at..value_at + h.value.len(),
+        ));
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
             framing.length(h.value)?;
@@ -252,16 +263,6 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         ));
     }
     let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_asked);
-    // Where each line lies in the head, to slice the frozen bytes (no copy).
-    let spans: smallvec::SmallVec<[_; 24]> = req
-        .headers
-        .iter()
-        .map(|h| {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            (name..name + h.name.len(), value..value + h.value.len())
-        })
-        .collect();
     let bytes = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(bytes.slice(path))
         .map_err(|_| HeadError::Bad("Bad request target"))?;
@@ -363,7 +364,10 @@ pub(super) type Served = io::Result<()>;
 ///
 /// A block, not an `async fn`, whose arguments would keep their room twice
 /// in the state (see `Conn::serve`).
-#[allow(clippy::manual_async_fn, reason = "an async fn doubles its arguments' room")]
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn doubles its arguments' room"
+)]
 pub(super) fn serve<T>(
     proxy: &Arc<Proxy>,
     io: &mut T,

@@ -468,7 +468,10 @@ impl Conn {
     /// its body and keep their room twice in the task (every resting
     /// connection's); for the same reason the block borrows `self`'s parts
     /// instead of moving them out.
-    #[allow(clippy::manual_async_fn, reason = "an async fn doubles its arguments' room")]
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn doubles its arguments' room"
+    )]
     fn serve<T>(mut self, mut io: T, alpn_h2: bool) -> impl Future<Output = ()> + Send
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
