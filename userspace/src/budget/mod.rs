@@ -600,10 +600,13 @@ impl LimitState {
         out: &mut Vec<Alert>,
     ) {
         let used = self.committed();
-        for (i, &permille) in thresholds.iter().enumerate() {
-            let crossed = used as u128 * 1000 >= self.max as u128 * permille as u128;
+        // Ascending: past the first threshold not crossed, none is (and
+        // nearly every request settles below the first).
+        let crossed = |permille: u32| used as u128 * 1000 >= self.max as u128 * permille as u128;
+        let crossed = thresholds.iter().take_while(|&&p| crossed(p)).count();
+        for (i, &permille) in thresholds[..crossed].iter().enumerate() {
             let armed = self.silent_until[i].is_none_or(|until| now >= until);
-            if crossed && armed {
+            if armed {
                 // Only now: the window's end is calendar arithmetic.
                 self.silent_until[i] = Some(self.silence_until(now));
                 if emit {
