@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     cidr::Cidr,
     config::{self, ClassifyStep, Loaded},
+    idhash::IdHasher,
     openai::ApiError,
 };
 
@@ -82,7 +83,7 @@ pub struct Classifier {
     class_ids: HashMap<String, u32>,
     /// Tenant names (shared) by id: the kernel tags by id; a name is looked
     /// up by its id ([`config::tenant_id`], collision-free within a config).
-    tenants: HashMap<u32, Arc<str>>,
+    tenants: HashMap<u32, Arc<str>, IdHasher>,
     default_class: u32,
 }
 

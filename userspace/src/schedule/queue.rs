@@ -8,6 +8,7 @@ use std::{
 };
 
 use super::JobId;
+use crate::idhash::IdHasher;
 
 #[derive(Debug, Clone)]
 pub(super) struct Waiting {
@@ -26,7 +27,7 @@ struct Flow {
 
 #[derive(Debug, Default)]
 pub(super) struct ClassQueue {
-    flows: HashMap<u32, Flow>,
+    flows: HashMap<u32, Flow, IdHasher>,
     /// Start tag of the last job served: a tenant that was idle starts here,
     /// so idleness earns no credit.
     vtime: u128,
