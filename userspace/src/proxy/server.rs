@@ -782,6 +782,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 mod tests {
     use super::*;
 
+    /// The size of what calling `f` returns, without calling it.
+    fn returned_size<A, B, C, R>(_: fn(A, B, C) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn a_resting_connection_holds_a_small_task() {
+        // Every resting keep-alive connection keeps its task's future
+        // whole: room in it for a request's work (a handler's 5 KB, an
+        // answer's writing, a parsed head) is memory times the clients'
+        // pools (docs/benchmarks.md). That work lives in a box per request.
+        let size = returned_size(Conn::serve::<Watched<TcpStream>>);
+        assert!(size <= 1024, "a plain connection's task is {size} bytes");
+    }
+
     async fn preface(parts: &[&'static [u8]]) -> (bool, BytesMut) {
         let mut io: Box<dyn AsyncRead + Unpin> = Box::new(&b""[..]);
         for part in parts.iter().rev() {
